@@ -1,0 +1,2 @@
+"""Latent diffusion: autoencoder, conditioned U-Net, noise schedules and samplers."""
+__version__ = "0.1.0"

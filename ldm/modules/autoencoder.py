@@ -1,0 +1,241 @@
+"""The KL-regularised autoencoder (Rombach et al. 2022, §3.1): image (B,3,H,W) ↔ latent z (B,c,H/f,W/f).
+
+The encoder outputs the mean and log-variance of a diagonal Gaussian posterior q(z|x); the decoder maps a
+latent back to pixels. The downsampling factor is f = 2^(len(ch_mult)-1). Module names follow the
+latent-diffusion code (``encoder.down.N.block.M``, ``mid.attn_1``, ``quant_conv``, ...) so Stable Diffusion's
+KL-f8 weights load key for key.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = _norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, with 1×1 conv projections."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (proj(y).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))  # (B,1,HW,C)
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
+        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Asymmetric padding (right and bottom only), as in the original KL autoencoders.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: a list of ResnetBlocks and an optional resampler (attribute names are load keys)."""
+
+    def __init__(self, blocks: list[nn.Module], resample_name: str | None = None, resample: nn.Module | None = None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList()  # no attention inside levels at SD's settings; kept for key layout
+        if resample_name:
+            self.add_module(resample_name, resample)
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int, dropout: float):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        z_channels: int = 4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(ch_mult):
+            block_out = ch * mult
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+            last = level == len(ch_mult) - 1
+            self.down.append(_Level(blocks, None if last else "downsample", None if last else Downsample(block_in)))
+        self.mid = _Mid(block_in, dropout)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(
+        self,
+        out_channels: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        z_channels: int = 4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, dropout)
+        # Built from the lowest resolution up, but stored so that up[level] is the level of the same index in
+        # the encoder (the latent-diffusion key layout).
+        levels: list[_Level] = []
+        for level in reversed(range(len(ch_mult))):
+            block_out = ch * ch_mult[level]
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+            levels.insert(0, _Level(blocks, "upsample" if level else None, Upsample(block_in) if level else None))
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))) from the encoder's 2c output channels."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        # The clamp keeps exp() finite for an untrained encoder; the same bounds as latent-diffusion.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over the latent's dimensions: (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        z_channels: int = 4,
+        embed_dim: int | None = None,
+        dropout: float = 0.0,
+        scale_factor: float = 0.18215,
+    ):
+        """
+        scale_factor: multiplies latents before diffusion so they have roughly unit variance (SD: 0.18215;
+            a VAE trained here should set it to 1/std of its latents, which ``training`` measures).
+        embed_dim: channels of the latent the diffusion model sees; defaults to z_channels.
+        """
+        super().__init__()
+        embed_dim = embed_dim or z_channels
+        self.encoder = Encoder(in_channels, ch, ch_mult, num_res_blocks, z_channels, dropout)
+        self.decoder = Decoder(in_channels, ch, ch_mult, num_res_blocks, z_channels, dropout)
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.embed_dim = embed_dim
+        self.downsampling_factor = 2 ** (len(ch_mult) - 1)
+        self.scale_factor = scale_factor
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        # x: (B, 3, H, W) in [-1, 1]
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        # z: (B, embed_dim, H/f, W/f), unscaled
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def encode_to_latent(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Image → the scaled latent the diffusion model works on."""
+        posterior = self.encode(x)
+        return (posterior.sample() if sample else posterior.mode()) * self.scale_factor
+
+    def decode_from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent → image in [-1, 1] (not clamped)."""
+        return self.decode(z / self.scale_factor)

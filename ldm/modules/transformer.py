@@ -1,0 +1,158 @@
+"""The spatial transformer: self-attention, then cross-attention on the context, then a GEGLU feed-forward.
+
+Module and parameter names follow the latent-diffusion code (``attn1``, ``attn2``, ``ff``, ``norm1..3``,
+``proj_in``, ``proj_out``) so that Stable Diffusion checkpoints map onto it key for key.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.attention import attention
+
+# An attention controller sees the probabilities of a layer (B, heads, Lq, Lk) and may return edited ones.
+# It is how attention maps are recorded and how Prompt-to-Prompt and Attend-and-Excite act on them.
+AttentionController = Callable[[torch.Tensor, "Attention"], torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries from ``x`` over keys/values from ``context`` (self-attention if None)."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        dropout: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.head_dim = head_dim
+        self.is_cross = context_dim is not None
+        self.backend = backend
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        # Set by the editing tools; None on the normal path, where this costs one attribute check.
+        self.controller: AttentionController | None = None
+        self.name = ""  # filled in by the U-Net with the module path, for controllers to key on
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: (B, Lq, query_dim); context: (B, Lk, context_dim); mask: (B, Lk) bool
+        source = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
+        if self.controller is None:
+            out = attention(q, k, v, self.heads, mask=mask, backend=self.backend)
+        else:
+            _, probs = attention(q, k, v, self.heads, mask=mask, return_probs=True)
+            probs = self.controller(probs, self)  # (B, heads, Lq, Lk)
+            b, lk = v.shape[:2]
+            v = v.view(b, lk, self.heads, -1).transpose(1, 2)
+            out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): one projection to 2·inner, half of it gates the other half."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """norm → self-attention → norm → cross-attention on the context → norm → feed-forward, each residual."""
+
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0, backend: str = "auto"
+    ):
+        super().__init__()
+        self.attn1 = Attention(dim, heads, head_dim, None, dropout, backend)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim, dropout, backend)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        x = x + self.ff(self.norm3(x))
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Runs transformer blocks over the pixels of a feature map, one token per pixel.
+
+    ``use_linear`` picks the projection in and out of the token space: a 1×1 conv (SD1) applied before
+    flattening, or a linear layer (SD2) applied after. Both compute the same map; only the weight layout and
+    the point of the reshape differ.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int,
+        depth: int = 1,
+        dropout: float = 0.0,
+        use_linear: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        inner = heads * head_dim
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, head_dim, context_dim, dropout, backend) for _ in range(depth)
+        )
+        proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        # Zero-init so each transformer starts as the identity (the residual alone) and training
+        # begins from the plain convolutional U-Net.
+        nn.init.zeros_(proj_out.weight)
+        nn.init.zeros_(proj_out.bias)
+        self.proj_out = proj_out
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context, mask)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, C, H, W)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + residual

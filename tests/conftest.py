@@ -1,0 +1,14 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Tests import the shared oracle helpers from this folder.
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
