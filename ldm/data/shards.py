@@ -1,0 +1,558 @@
+"""Reading webdataset shards: tar files → {"image": (3,R,R) in [-1,1], "caption": str, "key": str}.
+
+Shards follow img2dataset's layout: `{key}.jpg|jpeg|png|webp` + `{key}.txt` (+ optional `{key}.json`).
+
+Two modes:
+  * resampled=False (single process, validation): each pass reads every shard once. Shards are shuffled with a
+    seed shared by all ranks, then split by node (rank) and by DataLoader worker, so the parts are disjoint.
+    Ranks can end up with different sample counts, which makes DDP ranks wait on each other at epoch end.
+  * resampled=True (multi-GPU training): every rank and worker draws shards with replacement from the full list,
+    forever; `epoch_length` (samples per rank) cuts the stream into epochs of exactly that many samples per rank,
+    so every rank runs the same number of steps.
+
+Bad data never ends a run: undecodable images, samples without an image and samples without a caption are
+skipped, counted in a `DataStats` (shared across DataLoader workers) and logged with their key and shard URL,
+rate-limited. Only a shard set that yields nothing usable at all is an error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import io
+import itertools
+import logging
+import math
+import multiprocessing
+import multiprocessing.context
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import braceexpand
+import torch
+import webdataset as wds
+from PIL import Image
+
+from ldm.data.transforms import ImageTransform
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+MissingCaption = Literal["skip", "empty"]
+ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
+
+_REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shard specs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def expand_shards(spec: ShardSpec) -> list[str]:
+    """Turn a shard spec into a list of shard URLs/paths.
+
+    Accepts a brace pattern ("data/emoji-{000000..000003}.tar"), a glob ("data/*.tar"), a local folder (all
+    `*.tar` directly inside it, sorted; sub-folders are not searched), a remote URL (`pipe:`, `s3://`, `http://`;
+    brace-expanded, not checked), or a list of any of these. Local files must exist: a typo in a range should
+    fail here, naming the spec, not as an empty epoch later.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        items: list[Any] = [spec]
+    elif isinstance(spec, Iterable):  # list, tuple, omegaconf ListConfig
+        items = list(spec)
+    else:
+        raise TypeError(f"shard spec must be a string, path or list of them, got {type(spec).__name__}")
+    if not items:
+        raise FileNotFoundError(f"shard spec {spec!r} is empty")
+
+    urls: list[str] = []
+    missing: list[str] = []
+    for item in items:
+        text = os.fspath(item)
+        if _REMOTE.match(text):
+            urls.extend(braceexpand.braceexpand(text))
+            continue
+        text = os.path.expanduser(text)
+        if os.path.isdir(text):
+            found = sorted(glob.glob(os.path.join(glob.escape(text), "*.tar")))
+            if not found:
+                raise FileNotFoundError(f"no *.tar shards in folder {text!r} (shard spec {spec!r})")
+            urls.extend(found)
+            continue
+        for path in braceexpand.braceexpand(text):
+            if _GLOB_CHARS.search(path):
+                found = sorted(glob.glob(path))
+                if found:
+                    urls.extend(found)
+                else:
+                    missing.append(path)
+            elif os.path.isfile(path):
+                urls.append(path)
+            else:
+                missing.append(path)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"shard spec {spec!r}: no shard matches {shown}")
+    if not urls:
+        raise FileNotFoundError(f"shard spec {spec!r} matched no shards")
+    return urls
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Counting and logging skipped samples
+# --------------------------------------------------------------------------------------------------------------
+
+SKIP_REASONS: tuple[str, ...] = ("corrupt_image", "no_image", "no_caption", "shard_error")
+_FIELDS: tuple[str, ...] = ("yielded", "empty_caption") + SKIP_REASONS
+
+
+class DataStats:
+    """Counts of yielded and skipped samples, shared by the DataLoader workers of one process.
+
+    The counts live in shared memory so that the training process sees what its workers skipped (with fork or
+    spawn workers). Each rank has its own; reduce across ranks if a global figure is wanted.
+      yielded        samples that reached the model
+      empty_caption  samples kept with caption "" (missing_caption="empty")
+      skipped[r]     samples dropped, by reason: corrupt_image, no_image, no_caption, shard_error (an unreadable
+                     shard or malformed tar entry, counted once per error)
+
+    One row of counters per writer (row 0: the main process, row 1 + k: worker k), summed when read: each row has
+    a single writer, so no lock is needed, and a lock is what could not be sent to "spawn" workers from a
+    process whose default start method is "fork".
+    """
+
+    max_rows: int = 65  # the main process and 64 workers; more workers share rows (counts may then undercount)
+
+    def __init__(self) -> None:
+        self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(_FIELDS))
+
+    def add(self, name: str, n: int = 1) -> None:
+        info = torch.utils.data.get_worker_info()
+        row = 0 if info is None else 1 + info.id % (self.max_rows - 1)
+        self._counts[row * len(_FIELDS) + _FIELDS.index(name)] += n
+
+    def _get(self, name: str) -> int:
+        index = _FIELDS.index(name)
+        return int(sum(self._counts[index :: len(_FIELDS)]))
+
+    @property
+    def yielded(self) -> int:
+        return self._get("yielded")
+
+    @property
+    def empty_caption(self) -> int:
+        return self._get("empty_caption")
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {reason: self._get(reason) for reason in SKIP_REASONS}
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat counts, e.g. for `LightningModule.log_dict`: {"yielded": .., "skipped/corrupt_image": .., ...}."""
+        out = {"yielded": self.yielded, "empty_caption": self.empty_caption}
+        out.update({f"skipped/{reason}": n for reason, n in self.skipped.items()})
+        return out
+
+    def reset(self) -> None:
+        """Zero the counts (call while no worker is running)."""
+        ctypes.memset(self._counts, 0, ctypes.sizeof(self._counts))
+
+    def __repr__(self) -> str:
+        return f"DataStats(yielded={self.yielded}, empty_caption={self.empty_caption}, skipped={self.skipped})"
+
+    # Shared memory can only travel to a child process while it is being spawned. Any other pickling (e.g. a
+    # datamodule sent through ddp_spawn after use) gets a private copy of the current counts instead of failing.
+    def __getstate__(self) -> dict[str, Any]:
+        if multiprocessing.context.get_spawning_popen() is not None:
+            return {"shared": self._counts}
+        return {"values": list(self._counts[:])}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "shared" in state:
+            self._counts = state["shared"]
+        else:
+            self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(_FIELDS))
+            self._counts[:] = state["values"]
+
+
+class _SkipLog:
+    """Per-process rate limit for skip warnings: the first few of each reason in full, then a summary at most
+    every `interval` seconds, so a dataset with 5% broken files does not drown the training log."""
+
+    first: int = 10
+    interval: float = 60.0
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+
+    def warn(self, reason: str, key: str, url: str, detail: str) -> None:
+        n = self.seen[reason] = self.seen.get(reason, 0) + 1
+        now = time.monotonic()
+        if n <= self.first:
+            logger.warning("skipped sample %r from %s: %s (%s)", key, url, reason, detail)
+            if n == self.first:
+                logger.warning("further %r skips are summarised at most every %.0f s", reason, self.interval)
+            self.last[reason] = now
+        elif now - self.last.get(reason, 0.0) >= self.interval:
+            logger.warning("%d samples skipped for %r in this process so far; latest %r from %s (%s)",
+                           n, reason, key, url, detail)
+            self.last[reason] = now
+
+
+_SKIP_LOG = _SkipLog()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def node_info() -> tuple[int, int]:
+    """(rank, world_size) as webdataset sees it: env RANK/WORLD_SIZE, else torch.distributed, else (0, 1)."""
+    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+    return rank, world_size
+
+
+def worker_info() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes fully (so corrupt/truncated files fail here, inside the try of the caller).
+
+    For JPEG, `draft` lets libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= draft_size on both sides:
+    a large speed-up for 512px+ web images trained at 64-256px.
+    """
+    image = Image.open(io.BytesIO(data))
+    if draft_size is not None and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))
+    image.load()
+    return image
+
+
+def _shorten(urls: Sequence[str], n: int = 4) -> str:
+    shown = ", ".join(urls[:n])
+    return shown + (f", ... ({len(urls)} shards)" if len(urls) > n else "")
+
+
+@dataclass
+class _Pass:
+    """What one pass (one epoch of one worker) has seen; used to tell 'some bad samples' from 'nothing usable'."""
+
+    epoch: int
+    shards: list[str] = field(default_factory=list)
+    raw: int = 0
+    usable: int = 0
+    skipped: int = 0
+    skipped_urls: set[str] = field(default_factory=set)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ShardDataset(wds.DataPipeline):
+    """An IterableDataset over webdataset shards, built as a `webdataset.DataPipeline`:
+
+        shard urls (shuffled per epoch | resampled) → split_by_node → split_by_worker   [not when resampled]
+        → tar reading → sample shuffle buffer (raw bytes) → decode + transform (skips counted)
+        → epoch_length cut
+
+    Samples: {"image": float32 (3, R, R) in [-1, 1], "caption": str, "key": str}.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSpec,
+        resolution: int = 64,
+        random_crop: bool = False,
+        flip_prob: float = 0.0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        missing_caption: MissingCaption = "skip",
+        seed: int = 0,
+        stats: DataStats | None = None,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        split_nodes: bool = True,
+    ) -> None:
+        if missing_caption not in ("skip", "empty"):
+            raise ValueError(f"missing_caption must be 'skip' or 'empty', got {missing_caption!r}")
+        if epoch_length is not None and epoch_length < 1:
+            raise ValueError(f"epoch_length must be >= 1 or None, got {epoch_length}")
+        self.spec = shards
+        self.urls = expand_shards(shards)
+        self.resolution = resolution
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.epoch_length = epoch_length
+        self.missing_caption = missing_caption
+        self.seed = seed
+        self.split_nodes = split_nodes
+        self.stats = stats if stats is not None else DataStats()
+        self.transform = transform or ImageTransform(resolution, random_crop=random_crop, flip_prob=flip_prob)
+        self.epoch = 0
+        # Rank as seen by the process that built the dataset. DataLoader workers started with "spawn" have neither
+        # the process group nor (under some launchers) RANK/WORLD_SIZE, and would all think they are rank 0.
+        self.node = node_info()
+        self._pass = _Pass(epoch=0)
+
+        stages: list[Any] = [self._shard_urls]
+        if not resampled:
+            # split_nodes=False: every rank reads all shards (e.g. a validation set with fewer shards than ranks).
+            stages += [self._split_by_node, wds.split_by_worker] if split_nodes else [wds.split_by_worker]
+        stages += [self._track_shards, wds.tarfile_to_samples(handler=self._on_shard_error), self._track_raw]
+        if shuffle and shuffle_buffer > 1:
+            stages.append(self._shuffle_samples)
+        stages.append(self._decode)
+        if epoch_length is not None:
+            stages.append(self._cut_epoch)
+        super().__init__(*stages)
+
+    # -- epochs and splitting -----------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used for shuffling seeds. Called from the main process before workers start: workers that
+        are not persistent get a fresh copy each epoch; persistent ones advance their own copy after each pass."""
+        self.epoch = epoch
+        if torch.utils.data.get_worker_info() is None:
+            rank, world_size = node_info()
+            if world_size > 1:  # the process group may have been set up after the dataset was built
+                self.node = (rank, world_size)
+
+    def current_node(self) -> tuple[int, int]:
+        rank, world_size = node_info()
+        if world_size == 1 and self.node[1] > 1:
+            return self.node
+        return rank, world_size
+
+    def _shard_urls(self) -> Iterator[dict[str, str]]:
+        epoch = self.epoch
+        self.epoch += 1
+        self._pass = _Pass(epoch=epoch)
+        if self.resampled:
+            rank, _ = self.current_node()
+            worker, _ = worker_info()
+            # Distinct per rank and worker (else all would read the same shards), reproducible per epoch.
+            rng = random.Random(f"{self.seed}/{epoch}/{rank}/{worker}/shards")
+            return ({"url": rng.choice(self.urls)} for _ in itertools.count())
+        order = list(self.urls)
+        if self.shuffle:
+            # Same permutation on every rank and worker: the splits below must partition one common order.
+            random.Random(f"{self.seed}/{epoch}/shards").shuffle(order)
+        return ({"url": url} for url in order)
+
+    def _split_by_node(self, src: Iterable[dict]) -> Iterator[dict]:
+        if node_info()[1] > 1 or self.node[1] == 1:
+            return wds.split_by_node(src)  # webdataset finds the rank itself (env, then process group)
+        rank, world_size = self.node  # a spawn-started worker: use the rank its parent saw
+        return itertools.islice(src, rank, None, world_size)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    def _track_shards(self, src: Iterable[dict]) -> Iterator[dict]:
+        state = self._pass
+        limit = 2 * len(self.urls) + 8
+        for item in src:
+            if self.resampled and state.raw == 0 and len(state.shards) >= limit:
+                raise RuntimeError(
+                    f"read {len(state.shards)} shards without a single sample from shard spec {self.spec!r} "
+                    f"({_shorten(self.urls)}); {self.stats}"
+                )
+            state.shards.append(item["url"])
+            yield item
+
+    def _on_shard_error(self, exn: Exception) -> bool:
+        # webdataset appends the url (and stream) to exn.args; keep the message short.
+        self.stats.add("shard_error")
+        url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in self.urls), "?")
+        _SKIP_LOG.warn("shard_error", "-", url, repr(exn)[:300])
+        return True  # continue with the next entry / shard
+
+    def _track_raw(self, src: Iterable[dict]) -> Iterator[dict]:
+        state = self._pass
+        for sample in src:
+            state.raw += 1
+            yield sample
+
+    def _shuffle_samples(self, src: Iterable[dict]) -> Iterator[dict]:
+        # A buffer of raw (still encoded) samples: shuffling before decoding keeps the buffer small.
+        rank, _ = self.current_node()
+        worker, _ = worker_info()
+        rng = random.Random(f"{self.seed}/{self._pass.epoch}/{rank}/{worker}/samples")
+        buffer: list[dict] = []
+        for sample in src:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                i = rng.randrange(len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _skip(self, reason: str, key: str, url: str, detail: str) -> None:
+        state = self._pass
+        self.stats.add(reason)
+        state.skipped += 1
+        state.skipped_urls.add(url)
+        _SKIP_LOG.warn(reason, key, url, detail)
+        # A resampled stream never ends, so "nothing usable" has to be decided on the way: after every shard
+        # has produced only skips, or after many skips with no success.
+        if self.resampled and state.usable == 0 and (
+            state.skipped >= 1000 or len(state.skipped_urls) >= len(set(self.urls))
+        ):
+            raise RuntimeError(self._nothing_usable_message(state))
+
+    def _decode(self, src: Iterable[dict]) -> Iterator[dict[str, Any]]:
+        state = self._pass
+        for sample in src:
+            key = str(sample.get("__key__", "?"))
+            url = str(sample.get("__url__", "?"))
+            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            if data is None:
+                members = sorted(k for k in sample if not k.startswith("__"))
+                self._skip("no_image", key, url, f"members {members}")
+                continue
+            raw_caption = sample.get("txt")
+            caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption is not None else ""
+            if not caption:
+                if self.missing_caption == "skip":
+                    self._skip("no_caption", key, url, "no .txt" if raw_caption is None else "empty .txt")
+                    continue
+                self.stats.add("empty_caption")
+            try:
+                image = self.transform(decode_image(data, draft_size=self.resolution))
+            except Exception as exn:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
+                self._skip("corrupt_image", key, url, repr(exn)[:200])
+                continue
+            state.usable += 1
+            self.stats.add("yielded")
+            yield {"image": image, "caption": caption, "key": key}
+
+        # Only reached when the shards ran out (not resampled).
+        if state.usable == 0 and state.shards:
+            _, num_workers = worker_info()
+            message = self._nothing_usable_message(state)
+            if num_workers <= 1:
+                raise RuntimeError(message)
+            # Another worker may have good shards: ShardLoader raises if the whole loader yields nothing.
+            logger.warning("%s (this worker only)", message)
+
+    def _cut_epoch(self, src: Iterable[dict]) -> Iterator[dict]:
+        worker, num_workers = worker_info()
+        return itertools.islice(src, self.samples_per_worker(worker, num_workers))
+
+    def samples_per_worker(self, worker: int, num_workers: int) -> int:
+        """This worker's share of `epoch_length` (samples per rank), so that all workers together give exactly
+        epoch_length samples."""
+        assert self.epoch_length is not None
+        base, extra = divmod(self.epoch_length, num_workers)
+        return base + (1 if worker < extra else 0)
+
+    def _nothing_usable_message(self, state: _Pass) -> str:
+        shards = sorted(set(state.shards))
+        return (
+            f"no usable samples in shards [{_shorten(shards)}] (shard spec {self.spec!r}): read {state.raw} "
+            f"samples, skipped {state.skipped}; counts so far {self.stats.as_dict()}. Check that images decode "
+            f"and have a .txt caption (missing_caption={self.missing_caption!r})."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------------------------
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """[{"image": (3,R,R), "caption": str, "key": str}, ...] → {"image": (B,3,R,R), "caption": [B], "key": [B]}."""
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+class ShardLoader:
+    """A DataLoader over a ShardDataset that sets the shuffling epoch and fails loudly on an empty epoch.
+
+    Lightning accepts any iterable; `len()` is defined only when the epoch length is known (resampled mode with
+    epoch_length), which lets Lightning show progress and schedule validation.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        batch_size: int,
+        num_workers: int = 0,
+        persistent_workers: bool = True,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # Not called `dataset`: Lightning would take this object for a DataLoader over an IterableDataset and
+        # warn that its length may be wrong (here it is exact).
+        self.shard_dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_samples,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            persistent_workers=persistent_workers and num_workers > 0,
+            prefetch_factor=2 if num_workers > 0 else None,
+        )
+        self._epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.shard_dataset.set_epoch(self._epoch)
+        self._epoch += 1
+        batches = 0
+        for batch in self.loader:
+            batches += 1
+            yield batch
+        if batches == 0:
+            raise RuntimeError(self._empty_message())
+
+    def __len__(self) -> int:
+        if self.shard_dataset.epoch_length is None:
+            raise TypeError("ShardLoader has no length: the number of samples is known only with epoch_length")
+        workers = max(1, self.num_workers)
+        per_worker = [self.shard_dataset.samples_per_worker(w, workers) for w in range(workers)]
+        rounding = math.floor if self.drop_last else math.ceil
+        return sum(int(rounding(n / self.batch_size)) for n in per_worker)
+
+    def _empty_message(self) -> str:
+        rank, world_size = self.shard_dataset.current_node()
+        urls = self.shard_dataset.urls
+        message = (
+            f"no batches from shard spec {self.shard_dataset.spec!r} ({_shorten(urls)}) "
+            f"on rank {rank}/{world_size}; "
+            f"{self.shard_dataset.stats.as_dict()}."
+        )
+        if not self.shard_dataset.resampled and self.shard_dataset.split_nodes and len(urls) < world_size:
+            message += f" There are fewer shards ({len(urls)}) than ranks ({world_size}): use resampled=True."
+        elif self.drop_last:
+            message += f" drop_last=True with batch_size={self.batch_size} may drop every (partial) batch."
+        return message

@@ -1,0 +1,97 @@
+"""Image preprocessing for training: PIL image → float tensor (3, R, R) in [-1, 1].
+
+resize (shorter side to R, antialiased) → crop R×R (center or random) → optional horizontal flip → [-1, 1].
+Transparent images are composited on white: the emoji set is RGBA with a transparent background, and a plain
+`convert("RGB")` would turn that background black (transparent pixels store RGB 0,0,0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+WHITE: tuple[int, int, int] = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency (RGBA, LA, palette+transparency) on `background`."""
+    has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    if image.mode == "RGB":
+        return image
+    return image.convert("RGB")
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Scale so that the shorter side is `size`, keeping the aspect ratio.
+
+    PIL's bicubic filter widens its support when downscaling, i.e. it is antialiased (unlike a plain
+    strided/bilinear tensor resize, which aliases badly at large reduction factors).
+    """
+    w, h = image.size
+    if min(w, h) == size:
+        return image
+    scale = size / min(w, h)
+    new_w = max(size, round(w * scale))
+    new_h = max(size, round(h * scale))
+    return image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image → float32 tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+    return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+class ImageTransform:
+    """The training transform. Randomness uses torch's global RNG, which DataLoader seeds per worker
+    (and Lightning's `seed_everything` makes reproducible)."""
+
+    def __init__(
+        self,
+        resolution: int = 64,
+        random_crop: bool = False,
+        flip_prob: float = 0.0,
+        background: tuple[int, int, int] = WHITE,
+    ) -> None:
+        if resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {resolution}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.flip_prob = flip_prob
+        self.background = tuple(background)
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        r = self.resolution
+        if self.random_crop:
+            left = int(torch.randint(0, width - r + 1, ()).item())
+            top = int(torch.randint(0, height - r + 1, ()).item())
+        else:
+            left = (width - r) // 2
+            top = (height - r) // 2
+        return left, top, left + r, top + r
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_rgb(image, self.background)
+        image = resize_shorter_side(image, self.resolution)
+        image = image.crop(self.crop_box(*image.size))
+        tensor = pil_to_tensor(image)  # (3, R, R)
+        if self.flip_prob > 0.0 and torch.rand(()).item() < self.flip_prob:
+            tensor = tensor.flip(-1)
+        return tensor
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageTransform(resolution={self.resolution}, random_crop={self.random_crop}, "
+            f"flip_prob={self.flip_prob}, background={self.background})"
+        )
