@@ -12,3 +12,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The test models are tiny: one thread avoids the oversubscription that makes two-thread torch crawl when
+# anything else shares the two cores (subprocess runs keep their own default).
+torch.set_num_threads(1)

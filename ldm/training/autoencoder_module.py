@@ -1,0 +1,135 @@
+"""Stage 1: train the KL autoencoder, with the patch discriminator when it is enabled."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.modules.autoencoder import AutoencoderKL
+from ldm.modules.autoencoder_loss import AutoencoderLoss
+from ldm.training.images import grid_image, log_image
+from ldm.training.lr_schedule import build_lr_scheduler
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers → plain dicts/lists, so hyperparameters load with ``weights_only=True``."""
+    if isinstance(value, DictConfig) or OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2): (B,)."""
+    mse = (x.float().clamp(-1, 1) - y.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+class AutoencoderModule(L.LightningModule):
+    def __init__(
+        self,
+        autoencoder: dict,
+        loss: dict,
+        lr: float = 4.5e-6,
+        disc_lr: float | None = None,
+        betas: tuple[float, float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        log_images_every_n_steps: int = 500,
+        num_log_images: int = 8,
+    ):
+        """
+        autoencoder: AutoencoderKL arguments (ch, ch_mult, num_res_blocks, z_channels, ...).
+        loss: AutoencoderLoss arguments (rec_loss, kl_weight, disc_enabled, disc_start, ...).
+        disc_lr: the discriminator's learning rate (default: lr).
+
+        The autoencoder and the discriminator are two parameter groups of one optimizer and take a step on
+        every batch. Their gradients stay apart: the discriminator is frozen while the generator's GAN term
+        is computed, and its own loss sees detached reconstructions.
+        """
+        super().__init__()
+        # save_hyperparameters reads the arguments' current values: make them plain first.
+        autoencoder, loss, betas = plain(autoencoder), plain(loss), tuple(plain(betas))
+        self.save_hyperparameters()
+        self.autoencoder = AutoencoderKL(**autoencoder)
+        self.loss = AutoencoderLoss(**loss)
+        # Running std of the latents: stage 2 sets its scale_factor to 1/std so its inputs have unit variance.
+        self.register_buffer("latent_std", torch.ones(()))
+        self.register_buffer("latent_std_initialised", torch.zeros((), dtype=torch.bool))
+
+    # -- steps ------------------------------------------------------------------------------------------------
+
+    def _update_latent_std(self, mean: torch.Tensor) -> None:
+        std = mean.detach().float().std()
+        if not bool(self.latent_std_initialised):
+            self.latent_std.copy_(std)
+            self.latent_std_initialised.fill_(True)
+        else:
+            self.latent_std.lerp_(std, 0.01)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["image"]
+        x_rec, posterior = self.autoencoder(x)
+        self._update_latent_std(posterior.mean)
+        last_layer = self.autoencoder.decoder.conv_out.weight
+        if self.loss.disc_active(self.global_step):
+            self.loss.discriminator.requires_grad_(False)
+        ae_loss, logs = self.loss.generator_loss(x, x_rec, posterior, self.global_step, last_layer)
+        total = ae_loss
+        if self.loss.disc_active(self.global_step):
+            self.loss.discriminator.requires_grad_(True)
+            d_loss, d_logs = self.loss.discriminator_loss(x, x_rec)
+            total = total + d_loss
+            logs.update(d_logs)
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"non-finite autoencoder loss at step {self.global_step}: {({k: float(v) for k, v in logs.items()})}"
+            )
+        rec = logs.pop("rec_loss")
+        self.log("train/rec_loss", rec, prog_bar=True, batch_size=x.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=x.shape[0])
+        self.log("train/latent_std", self.latent_std, batch_size=x.shape[0])
+        if self.hparams.log_images_every_n_steps and self.global_step % self.hparams.log_images_every_n_steps == 0:
+            self._log_reconstructions(x, x_rec, "train/reconstructions")
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        x_rec, posterior = self.autoencoder(x, sample_posterior=False)
+        _, logs = self.loss.generator_loss(x, x_rec, posterior, step=-1)  # step -1: no GAN term in validation
+        b = x.shape[0]
+        self.log("val/rec_loss", logs["rec_loss"], batch_size=b, sync_dist=True)
+        self.log("val/kl_loss", logs["kl_loss"], batch_size=b, sync_dist=True)
+        self.log("val/psnr", psnr(x, x_rec).mean(), batch_size=b, prog_bar=True, sync_dist=True)
+        if batch_idx == 0:
+            self._log_reconstructions(x, x_rec, "val/reconstructions")
+
+    def _log_reconstructions(self, x: torch.Tensor, x_rec: torch.Tensor, key: str) -> None:
+        if self.trainer is None or not self.trainer.is_global_zero:
+            return
+        n = min(self.hparams.num_log_images, x.shape[0])
+        # Top row originals, bottom row reconstructions.
+        pair = torch.cat([x[:n], x_rec[:n]]).detach()
+        log_image(self.trainer, key, grid_image(pair, nrow=n, upscale=max(1, 128 // x.shape[-1])),
+                  caption="top: input, bottom: reconstruction")
+
+    # -- optimisation -----------------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": list(self.autoencoder.parameters()), "lr": hp.lr}]
+        if self.loss.discriminator is not None:
+            groups.append({"params": list(self.loss.discriminator.parameters()), "lr": hp.disc_lr or hp.lr})
+        optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else None
+        total = None if total is None or math.isinf(total) else int(total)
+        scheduler = build_lr_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
+

@@ -1,0 +1,91 @@
+"""Train a stage of the latent diffusion model: `python train.py experiment=NAME [key=value ...]`.
+
+Composes configs/train.yaml, instantiates the datamodule, the LightningModule, the callbacks, the loggers
+and the trainer, each with a log line, then fits. `hydra.run.dir=DIR` puts everything the run writes
+(checkpoints in DIR/checkpoints, logs, images) under DIR.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from ldm.cli_errors import friendly_errors
+
+log = logging.getLogger("train")
+
+
+def instantiate_group(group: DictConfig | None, kind: str) -> list:
+    objects = []
+    for name, conf in (group or {}).items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            log.info("Instantiating %s <%s> (%s)", kind, conf._target_, name)
+            objects.append(hydra.utils.instantiate(conf))
+    return objects
+
+
+def missing_values(cfg: DictConfig, groups: tuple[str, ...]) -> list[str]:
+    """Required values (``???``) that the given groups use, directly or through an interpolation."""
+    found = []
+
+    def walk(node, path: str) -> None:
+        for key in node.keys():
+            full = f"{path}.{key}"
+            if OmegaConf.is_missing(node, key):
+                found.append(f"{full} (set {full}=...)")
+            elif OmegaConf.is_interpolation(node, key):
+                ref = re.fullmatch(r"\$\{([\w.]+)\}", str(node._get_node(key)._value()))
+                if ref:
+                    try:
+                        OmegaConf.select(cfg, ref.group(1), throw_on_missing=True)
+                    except MissingMandatoryValue:
+                        found.append(f"{ref.group(1)} (used by {full}; set {ref.group(1)}=...)")
+            elif isinstance(node[key], DictConfig):
+                walk(node[key], full)
+
+    for group in groups:
+        if isinstance(cfg.get(group), DictConfig):
+            walk(cfg[group], group)
+    return found
+
+
+def train(cfg: DictConfig) -> dict:
+    # A missing required value fails here, naming the key to set, before any work is done.
+    missing = missing_values(cfg, ("data", "model", "callbacks", "logger", "trainer"))
+    if missing:
+        raise ValueError("missing required value(s): " + "; ".join(missing))
+    OmegaConf.resolve(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    log.info("Instantiating datamodule <%s>", cfg.data._target_)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    log.info("Instantiating model <%s>", cfg.model._target_)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_group(cfg.get("callbacks"), "callback")
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log.info("Output directory: %s", cfg.paths.output_dir)
+    log.info("Starting training")
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("Final metrics: %s", ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
