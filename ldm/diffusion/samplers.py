@@ -166,7 +166,15 @@ def sample_ddpm(
     return x
 
 
-SAMPLERS: dict[str, Sampler] = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+# σ-space samplers live in their own module, which imports the helpers above.
+from ldm.diffusion.k_samplers import sample_dpmpp_2m, sample_euler_ancestral  # noqa: E402
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler_a": sample_euler_ancestral,
+}
 
 
 def get_sampler(name: str) -> Sampler:
