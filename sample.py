@@ -39,6 +39,60 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def generate_options(cfg: DictConfig) -> dict:
+    """The keyword arguments shared by plain generation and the attention tools."""
+    return dict(negative_prompt=cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
+                cfg_scale=cfg.cfg_scale, guidance_rescale=cfg.guidance_rescale, image_size=cfg.image_size,
+                progress=cfg.progress)
+
+
+def sample_with_attention_tools(cfg: DictConfig, pipe, prompts: list[str], out: Path) -> list[Path]:
+    """Attention maps, Prompt-to-Prompt and Attend-and-Excite: one image per prompt (seed + i)."""
+    from omegaconf import OmegaConf
+
+    from ldm.editing import (attend_and_excite, generate_with_attention_maps, prompt_to_prompt,
+                             save_attention_figure, save_edit_figure)
+
+    options = generate_options(cfg)
+    paths: list[Path] = []
+    meta = open(out / "metadata.jsonl", "w")
+    for i, prompt in enumerate(prompts):
+        seed = cfg.seed + i
+        record: dict = {"prompt": prompt, "seed": seed}
+        if cfg.edit:
+            if not cfg.target_prompt:
+                raise ValueError("edit=... needs target_prompt=\"...\" (the edited prompt)")
+            result = prompt_to_prompt(
+                pipe, prompt, cfg.target_prompt, edit=cfg.edit, cross_replace_steps=cfg.cross_replace_steps,
+                self_replace_steps=cfg.self_replace_steps, edit_words=list(cfg.edit_words) or None,
+                edit_weight=cfg.edit_weight, blend_words=list(cfg.blend_words) or None, seed=seed, **options)
+            paths.append(save_edit_figure(out, i, result))
+            record.update(target_prompt=cfg.target_prompt, edit=cfg.edit, file=paths[-1].name)
+        elif cfg.attend_excite.tokens:
+            ae = OmegaConf.to_container(cfg.attend_excite, resolve=True)
+            tokens = ae.pop("tokens")
+            ae["thresholds"] = {int(k): float(v) for k, v in ae["thresholds"].items()}
+            ae["scale_range"] = tuple(ae["scale_range"])
+            result, losses = attend_and_excite(pipe, prompt, tokens, seed=seed, **ae, **options)
+            path = out / f"{i:04d}.png"
+            result.pil()[0].save(path)
+            paths.append(path)
+            record.update(attend_excite_tokens=tokens, losses=losses, file=path.name)
+            log.info("Attend-and-Excite losses per step for %r: %s", prompt,
+                     ", ".join(f"{x:.3f}" for x in losses))
+        if cfg.attention_maps:
+            window = tuple(cfg.attention_steps) if cfg.attention_steps else None
+            result, maps, labels = generate_with_attention_maps(
+                pipe, prompt, resolution=cfg.attention_resolution, step_window=window, seed=seed, **options)
+            paths.append(save_attention_figure(out, i, result, maps, labels))
+            torch.save({"maps": maps, "labels": labels, "prompt": prompt}, out / f"attention_{i}.pt")
+            record.update(attention_file=paths[-1].name)
+        meta.write(json.dumps(record) + "\n")
+    meta.close()
+    log.info("wrote %d files to %s", len(paths), out)
+    return paths
+
+
 def sample(cfg: DictConfig) -> list[Path]:
     from ldm.pipeline import LatentDiffusionPipeline
     from ldm.training.images import grid_image
@@ -47,22 +101,12 @@ def sample(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema, device=device)
     log.info("loaded %s (%s weights) on %s", cfg.ckpt, "EMA" if cfg.use_ema else "raw", device)
-    result = pipe.generate(
-        prompts,
-        negative_prompt=cfg.negative_prompt,
-        n=cfg.n,
-        steps=cfg.steps,
-        sampler=cfg.sampler,
-        eta=cfg.eta,
-        cfg_scale=cfg.cfg_scale,
-        guidance_rescale=cfg.guidance_rescale,
-        seed=cfg.seed,
-        image_size=cfg.image_size,
-        batch_size=cfg.batch_size,
-        progress=cfg.progress,
-    )
+    # Prompts beyond the conditioner's max_chunks are cut with a warning that quotes the dropped text.
+    result = pipe.generate(prompts, n=cfg.n, batch_size=cfg.batch_size, **generate_options(cfg))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.attention_maps or cfg.edit or cfg.attend_excite.tokens:
+        return sample_with_attention_tools(cfg, pipe, prompts, out)
     paths = []
     with open(out / "metadata.jsonl", "w") as meta:
         for i, (image, prompt, seed) in enumerate(zip(result.pil(), result.prompts, result.seeds)):

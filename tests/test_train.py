@@ -255,3 +255,21 @@ def test_every_experiment_composes_and_is_smoke_tested():
                           return_hydra_config=True)
             assert cfg.task_name == name
             assert cfg.model._target_.startswith("ldm.training.")
+
+
+def test_sample_cli_attention_tools(stage2, tmp_path):
+    ckpt = stage2 / "checkpoints" / "last.ckpt"
+    out = tmp_path / "edit"
+    run("sample.py", f"ckpt={ckpt}", f"out={out}", "steps=3", "progress=false", 'prompt="red apple"',
+        'target_prompt="green apple"', "edit=replace", "attention_maps=true")
+    assert Image.open(out / "edit_0.png").width > Image.open(out / "edit_0.png").height  # source | edit
+    saved = torch.load(out / "attention_0.pt", weights_only=True)
+    assert saved["labels"] == ["red", "apple"] and saved["maps"].shape[0] == 2
+    assert (out / "attention_0.png").is_file()
+
+    out = tmp_path / "excite"
+    run("sample.py", f"ckpt={ckpt}", f"out={out}", "steps=3", "progress=false", 'prompt="red apple and snowman"',
+        "attend_excite.tokens=[apple,snowman]", "sampler=dpmpp_2m")
+    record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+    assert record["attend_excite_tokens"] == ["apple", "snowman"] and len(record["losses"]) >= 1
+    assert (out / "0000.png").is_file()

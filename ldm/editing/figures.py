@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor
 
-from ldm.training.images import to_pil
+from ldm.training.images import labelled_grid, to_pil
 
 if TYPE_CHECKING:
     from ldm.pipeline import GenerationResult
@@ -27,9 +27,6 @@ _STOPS = torch.tensor(
 )
 # Weight of the heat map over the image in an overlay.
 OVERLAY_ALPHA = 0.6
-LABEL_HEIGHT = 16
-BACKGROUND = (255, 255, 255)
-TEXT = (0, 0, 0)
 
 
 def colorize(values: Tensor) -> Tensor:
@@ -57,34 +54,6 @@ def attention_overlay(image: Image.Image | Tensor, attention: Tensor, size: int 
     return Image.fromarray((mixed * 255).round().to(torch.uint8).numpy())
 
 
-def _font() -> ImageFont.ImageFont:
-    return ImageFont.load_default()
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> str:
-    """Shorten text with an ellipsis until it fits in `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
-
-
-def _labelled_grid(cells: Sequence[Image.Image], labels: Sequence[str], columns: int) -> Image.Image:
-    size = cells[0].width
-    rows = (len(cells) + columns - 1) // columns
-    cols = min(columns, len(cells))
-    figure = Image.new("RGB", (cols * size, rows * (size + LABEL_HEIGHT)), BACKGROUND)
-    draw = ImageDraw.Draw(figure)
-    font = _font()
-    for k, (cell, label) in enumerate(zip(cells, labels)):
-        x, y = (k % columns) * size, (k // columns) * (size + LABEL_HEIGHT)
-        figure.paste(cell, (x, y))
-        text = _fit(draw, label, size - 4, font)
-        draw.text((x + (size - draw.textlength(text, font=font)) / 2, y + size + 2), text, fill=TEXT, font=font)
-    return figure
-
-
 def attention_figure(
     image: Image.Image | Tensor, maps: Tensor, labels: Sequence[str], cell_size: int = 128, columns: int = 8
 ) -> Image.Image:
@@ -94,7 +63,7 @@ def attention_figure(
     base = _image_tensor(image, cell_size)
     cells = [Image.fromarray((base * 255).round().to(torch.uint8).numpy())]
     cells += [attention_overlay(image, m, cell_size) for m in maps]
-    return _labelled_grid(cells, ["image", *labels], columns)
+    return labelled_grid(cells, ["image", *labels], columns)
 
 
 def edit_figure(images: Sequence[Image.Image | Tensor], captions: Sequence[str], cell_size: int = 256) -> Image.Image:
@@ -103,7 +72,7 @@ def edit_figure(images: Sequence[Image.Image | Tensor], captions: Sequence[str],
     for image in images:
         pixels = (_image_tensor(image, cell_size) * 255).round().to(torch.uint8).numpy()
         cells.append(Image.fromarray(pixels))
-    return _labelled_grid(cells, list(captions), columns=len(cells))
+    return labelled_grid(cells, list(captions), ncol=len(cells))
 
 
 def save_attention_figure(

@@ -50,18 +50,30 @@ def log_image(trainer, key: str, image: Image.Image, caption: str | None = None)
     return path
 
 
-def labelled_grid(images: list[Image.Image], labels: list[str], ncol: int, cell: int = 96) -> Image.Image:
-    """A grid of images, each upscaled (nearest) to ``cell`` px with its label written underneath."""
+def fit_text(draw, text: str, width: int, font) -> str:
+    """Shorten text with an ellipsis until it fits in ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str], ncol: int, cell: int | None = None,
+                  label_height: int = 14) -> Image.Image:
+    """A grid of images with each label written underneath; ``cell`` resizes them (nearest) to that side."""
     from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    label_h = 14
+    cell = cell or images[0].width
+    ncol = min(ncol, len(images))
     rows = (len(images) + ncol - 1) // ncol
-    sheet = Image.new("RGB", (ncol * cell, rows * (cell + label_h)), "white")
+    sheet = Image.new("RGB", (ncol * cell, rows * (cell + label_height)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (image, label) in enumerate(zip(images, labels)):
-        x, y = (i % ncol) * cell, (i // ncol) * (cell + label_h)
-        sheet.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
-        text = label if draw.textlength(label, font=font) <= cell - 2 else label[: max(1, cell // 6 - 1)] + "…"
-        draw.text((x + cell / 2, y + cell + 1), text, fill="black", font=font, anchor="ma")
+        x, y = (i % ncol) * cell, (i // ncol) * (cell + label_height)
+        image = image.convert("RGB")
+        sheet.paste(image if image.width == cell else image.resize((cell, cell), Image.NEAREST), (x, y))
+        text = fit_text(draw, label, cell - 4, font)
+        draw.text((x + (cell - draw.textlength(text, font=font)) / 2, y + cell + 1), text, fill="black", font=font)
     return sheet
