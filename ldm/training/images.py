@@ -60,7 +60,7 @@ def fit_text(draw, text: str, width: int, font) -> str:
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str], ncol: int, cell: int | None = None,
-                  label_height: int = 14) -> Image.Image:
+                  label_height: int = 16) -> Image.Image:
     """A grid of images with each label written underneath; ``cell`` resizes them (nearest) to that side."""
     from PIL import ImageDraw, ImageFont
 
