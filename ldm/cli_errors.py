@@ -10,6 +10,7 @@ import sys
 from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.data.shards import NoUsableDataError
 from ldm.training.checkpoint import CheckpointError
 
 log = logging.getLogger("ldm")
@@ -19,6 +20,7 @@ USER_ERRORS = (
     OmegaConfBaseException,
     HydraException,
     CheckpointError,
+    NoUsableDataError,
     FileNotFoundError,
     FloatingPointError,
     ValueError,
@@ -36,6 +38,9 @@ def _describe(e: BaseException) -> str:
         key = getattr(e, "full_key", None)
         first = str(e).splitlines()[0]
         return f"config error at '{key}': {first}" if key else f"config error: {first}"
+    if isinstance(e, NoUsableDataError):
+        # Raised in a DataLoader worker, the message carries the worker's traceback: keep its last line.
+        return f"data error: {str(e).strip().splitlines()[-1].removeprefix('NoUsableDataError: ')}"
     return f"{type(e).__name__}: {e}"
 
 

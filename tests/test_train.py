@@ -273,3 +273,24 @@ def test_sample_cli_attention_tools(stage2, tmp_path):
     record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
     assert record["attend_excite_tokens"] == ["apple", "snowman"] and len(record["losses"]) >= 1
     assert (out / "0000.png").is_file()
+
+
+def test_shards_with_nothing_usable_stop_with_one_clear_error(tmp_path):
+    import io
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "bad-00.tar", "w") as tar:
+        for i in range(3):
+            for name, data in ((f"s{i}.jpg", os.urandom(200)), (f"s{i}.txt", b"caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    proc = run("train.py", "experiment=emoji_autoencoder", "data=shards", f"data.train_shards={shards}",
+               "data.resolution=32", "data.batch_size=2", "data.num_workers=1", "data.resampled=false",
+               "data.epoch_length=null", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+               f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "data error" in output and "bad-00.tar" in output, output[-2000:]
+    assert "Traceback" not in output

@@ -109,6 +109,10 @@ def expand_shards(spec: ShardSpec) -> list[str]:
 # Counting and logging skipped samples
 # --------------------------------------------------------------------------------------------------------------
 
+class NoUsableDataError(RuntimeError):
+    """A shard set that yields nothing to train on (every sample skipped, or no shard readable)."""
+
+
 SKIP_REASONS: tuple[str, ...] = ("corrupt_image", "no_image", "no_caption", "shard_error")
 _FIELDS: tuple[str, ...] = ("yielded", "empty_caption") + SKIP_REASONS
 
@@ -372,7 +376,7 @@ class ShardDataset(wds.DataPipeline):
         limit = 2 * len(self.urls) + 8
         for item in src:
             if self.resampled and state.raw == 0 and len(state.shards) >= limit:
-                raise RuntimeError(
+                raise NoUsableDataError(
                     f"read {len(state.shards)} shards without a single sample from shard spec {self.spec!r} "
                     f"({_shorten(self.urls)}); {self.stats}"
                 )
@@ -418,7 +422,7 @@ class ShardDataset(wds.DataPipeline):
         if self.resampled and state.usable == 0 and (
             state.skipped >= 1000 or len(state.skipped_urls) >= len(set(self.urls))
         ):
-            raise RuntimeError(self._nothing_usable_message(state))
+            raise NoUsableDataError(self._nothing_usable_message(state))
 
     def _decode(self, src: Iterable[dict]) -> Iterator[dict[str, Any]]:
         state = self._pass
@@ -451,7 +455,7 @@ class ShardDataset(wds.DataPipeline):
             _, num_workers = worker_info()
             message = self._nothing_usable_message(state)
             if num_workers <= 1:
-                raise RuntimeError(message)
+                raise NoUsableDataError(message)
             # Another worker may have good shards: ShardLoader raises if the whole loader yields nothing.
             logger.warning("%s (this worker only)", message)
 
@@ -533,7 +537,7 @@ class ShardLoader:
             batches += 1
             yield batch
         if batches == 0:
-            raise RuntimeError(self._empty_message())
+            raise NoUsableDataError(self._empty_message())
 
     def __len__(self) -> int:
         if self.shard_dataset.epoch_length is None:
