@@ -101,8 +101,12 @@ def sample(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema, device=device)
     log.info("loaded %s (%s weights) on %s", cfg.ckpt, "EMA" if cfg.use_ema else "raw", device)
+    if cfg.get("lora"):
+        # Merged: the same images as the unmerged adapter, without its cost at every step.
+        pipe.apply_lora(cfg.lora, scale=cfg.lora_scale, merge=True)
+        log.info("LoRA adapter %s applied (scale %g)", cfg.lora, cfg.lora_scale)
     # Prompts beyond the conditioner's max_chunks are cut with a warning that quotes the dropped text.
-    result = pipe.generate(prompts, n=cfg.n, batch_size=cfg.batch_size, **generate_options(cfg))
+    result = pipe.generate(prompts, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, **generate_options(cfg))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.attention_maps or cfg.edit or cfg.attend_excite.tokens:

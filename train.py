@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -16,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from ldm.cli_errors import friendly_errors
+from ldm.config_resolvers import register_resolvers
 
 log = logging.getLogger("train")
+register_resolvers()  # before Hydra composes the config
 
 
 def instantiate_group(group: DictConfig | None, kind: str) -> list:
@@ -54,7 +57,29 @@ def missing_values(cfg: DictConfig, groups: tuple[str, ...]) -> list[str]:
     return found
 
 
+def load_init(cfg: DictConfig):
+    """``init_from=PATH``: imported weights a stage-2 run starts from (see ldm.training.init_from), or None."""
+    if not cfg.get("init_from"):
+        return None
+    if "unet" not in cfg.model:
+        raise ValueError("init_from starts a stage-2 (text-to-image) experiment; this one trains no U-Net")
+    from ldm.training.init_from import load_init_weights
+
+    log.info("Loading init_from=%s", cfg.init_from)
+    init = load_init_weights(cfg.init_from, Path(cfg.paths.output_dir) / "pretrained",
+                             use_ema=bool(cfg.get("init_from_ema", True)))
+    if init.autoencoder_config is None and not cfg.autoencoder.get("ckpt_path"):
+        raise ValueError(f"init_from {cfg.init_from} holds no autoencoder: set autoencoder.ckpt_path=PATH")
+    return init
+
+
 def train(cfg: DictConfig) -> dict:
+    # Required top-level values (e.g. DreamBooth's init_from, instance_data, instance_prompt), all named at once.
+    top_level = [f"{k} (set {k}=...)" for k in cfg if OmegaConf.is_missing(cfg, k)]
+    if top_level:
+        raise ValueError("missing required value(s): " + "; ".join(top_level))
+    if cfg.get("init_from") and OmegaConf.is_missing(cfg.autoencoder, "ckpt_path"):
+        cfg.autoencoder.ckpt_path = None  # the imported weights bring their autoencoder
     # A missing required value fails here, naming the key to set, before any work is done.
     missing = missing_values(cfg, ("data", "model", "callbacks", "logger", "trainer"))
     if missing:
@@ -64,8 +89,9 @@ def train(cfg: DictConfig) -> dict:
 
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
+    init = load_init(cfg)
     log.info("Instantiating model <%s>", cfg.model._target_)
-    model = hydra.utils.instantiate(cfg.model)
+    model = hydra.utils.instantiate(cfg.model) if init is None else hydra.utils.instantiate(cfg.model, init=init)
     callbacks = instantiate_group(cfg.get("callbacks"), "callback")
     loggers = instantiate_group(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)

@@ -20,7 +20,6 @@ from ldm.diffusion.samplers import SAMPLERS, get_sampler
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.unet import UNetModel
-from ldm.training.checkpoint import CheckpointError, load_checkpoint
 from ldm.training.images import to_pil
 
 
@@ -74,19 +73,98 @@ class LatentDiffusionPipeline:
     def from_checkpoint(
         cls, path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"
     ) -> "LatentDiffusionPipeline":
-        from ldm.training.diffusion_module import DiffusionModule
+        """A stage-2 checkpoint of this framework, its export (``python -m ldm.export``), or imported weights
+        (a diffusers folder or a Stable Diffusion single file, see ``from_pretrained``)."""
+        from ldm.export import export_weights_path, load_export
+        from ldm.training.init_from import load_diffusion_module, source_kind
 
-        ckpt = load_checkpoint(path, "checkpoint")
-        hparams = dict(ckpt.get("hyper_parameters") or {})
-        if "unet" not in hparams or "autoencoder" not in hparams:
-            raise CheckpointError(f"{path} is not a stage-2 (text-to-image) checkpoint of this framework")
-        hparams.pop("autoencoder_ckpt", None)
-        module = DiffusionModule(**hparams)
-        module.on_load_checkpoint(ckpt)  # re-inserts the frozen conditioner's weights
-        module.load_state_dict(ckpt["state_dict"], strict=True)
+        if export_weights_path(path) is not None:  # inference-only weights written by `python -m ldm.export`
+            kind, ckpt = "stage2", load_export(path)
+        else:
+            kind, ckpt = source_kind(path, "checkpoint")
+        if kind != "stage2":
+            return cls.from_pretrained(path, kind=kind, use_ema=use_ema, device=device)
+        module = load_diffusion_module(ckpt, path)
         if use_ema and module.ema is None:
             use_ema = False
         return cls.from_module(module.to(device).eval(), use_ema=use_ema)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, kind: str | None = None, use_ema: bool = True, device: str | torch.device = "cpu"
+    ) -> "LatentDiffusionPipeline":
+        """Imported weights: a diffusers pipeline folder or a Stable Diffusion single file (ldm.convert).
+
+        The prediction type and schedule come from the source where it says (diffusers' scheduler config),
+        else SD's (eps, scaled_linear). image_size: the U-Net's ``sample_size`` (diffusers) times the
+        autoencoder's downsampling, else 64 latents (512 px for SD1/SD2). use_ema: a single file's EMA U-Net
+        (model_ema.*) where it has one.
+        """
+        from ldm.convert import ConversionError, convert
+        from ldm.training.init_from import single_file_has_ema
+
+        path = Path(path).expanduser()
+        kind = kind or ("diffusers" if path.is_dir() else "single_file")
+        converted = convert(path, kind=kind, ema=use_ema and kind == "single_file" and single_file_has_ema(path))
+        lacking = [name for name, state in (("U-Net", converted.unet_state), ("autoencoder", converted.autoencoder_state),
+                                            ("text encoder", converted.conditioner_state)) if state is None]
+        if lacking:
+            raise ConversionError(f"{path} has no {', '.join(lacking)}; sampling needs the U-Net, the autoencoder "
+                                  "and the text encoder")
+        parts = converted.build()
+        conditioner = parts.build_conditioner()
+        latent_size = 64
+        config = path / "unet" / "config.json"
+        if kind == "diffusers" and config.is_file():
+            import json
+
+            latent_size = int(json.loads(config.read_text()).get("sample_size") or latent_size)
+        return cls(
+            parts.unet.to(device),
+            parts.autoencoder.to(device),
+            conditioner.to(device),
+            NoiseSchedule(**(parts.schedule_config or {})),
+            parts.prediction_type or "eps",
+            image_size=latent_size * parts.autoencoder.downsampling_factor,
+        )
+
+    # -- adapters ---------------------------------------------------------------------------------------------
+
+    def apply_lora(self, path: str | Path, scale: float = 1.0, merge: bool = False) -> "LatentDiffusionPipeline":
+        """Adds the LoRA adapters of an adapter file (``python -m ldm.export_lora``) to this pipeline's U-Net
+        (and text encoder), in place, with their update scaled by ``scale`` (0: the base model). ``merge``
+        folds them into the weights: the same images, with no extra cost per step."""
+        from ldm.modules.lora import LoRAError, add_lora, has_lora, load_lora_state_dict, merge_lora, read_lora
+
+        parts, settings = read_lora(path)
+        targets = [("unet", self.unet, settings.target_modules, "U-Net")]
+        if parts["text_encoder"]:
+            text = getattr(self.conditioner, "text", None)
+            if text is None:
+                raise LoRAError(f"{path} has text-encoder adapters but the conditioner has no open_clip text tower")
+            targets.append(("text_encoder", text, settings.text_encoder_target_modules, "text encoder"))
+        for part, model, modules, what in targets:
+            if has_lora(model):
+                raise LoRAError(f"the {what} already has adapters; merge them first")
+            add_lora(model, settings.rank, settings.alpha, 0.0, modules, what)
+            load_lora_state_dict(model, parts[part], f"{path} ({what})")
+        self.set_lora_scale(scale)
+        if merge:
+            for part, model, _, _ in targets:
+                merged = merge_lora(model)
+                if part == "text_encoder":
+                    self.conditioner.text = merged
+        return self
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Scales the (unmerged) adapters' update: scale · alpha / rank."""
+        from ldm.modules.lora import set_lora_scale
+
+        set_lora_scale(self.unet, scale)
+        if isinstance(getattr(self.conditioner, "text", None), torch.nn.Module):
+            set_lora_scale(self.conditioner.text, scale)
+        if hasattr(self.conditioner, "clear_cache"):
+            self.conditioner.clear_cache()  # cached encodings were made with the previous scale
 
     @property
     def device(self) -> torch.device:
@@ -177,8 +255,9 @@ class LatentDiffusionPipeline:
                 return torch.stack([torch.randn(noise_shape[1:], generator=g) for g in generators])
 
             model_fn = cfg_model_fn(self.unet, context, mask, uncond, uncond_mask, cfg_scale, guidance_rescale)
-            z0 = sample_fn(model_fn, x_T, self.schedule, noise_fn=noise_fn, callback=callback,
-                           progress=progress, **options)
+            with self.unet.cache_context():  # the text's keys and values once, not once per step
+                z0 = sample_fn(model_fn, x_T, self.schedule, noise_fn=noise_fn, callback=callback,
+                               progress=progress, **options)
             latents.append(z0)
         z0 = torch.cat(latents)
         images = torch.cat([self.autoencoder.decode_from_latent(z) for z in z0.split(batch_size)])

@@ -17,3 +17,13 @@ def _seed():
 # The test models are tiny: one thread avoids the oversubscription that makes two-thread torch crawl when
 # anything else shares the two cores (subprocess runs keep their own default).
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    # `slow` checks run only when selected (`-m slow`): the default run must stay within minutes on 2 cores.
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: select with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

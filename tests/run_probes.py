@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -39,3 +40,41 @@ class RecordStart(L.Callback):
 
 def ema_checksum(state_dict: dict[str, torch.Tensor]) -> float:
     return float(sum(v.double().sum() for k, v in state_dict.items() if k.startswith("ema.model.")))
+
+
+class RecordLoss(L.Callback):
+    """Appends {"rank", "step", "loss", "batch"} per training batch to OUT/loss_rank<r>.jsonl."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        with open(self.out / f"loss_rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"rank": trainer.global_rank, "step": trainer.global_step,
+                                "loss": float(loss), "batch": len(batch["key"]), "time": time.time()}) + "\n")
+
+
+class FailOnRank(L.Callback):
+    """Raises on one rank at one step: how does a multi-process run end when a single rank dies?"""
+
+    def __init__(self, rank: int = 1, step: int = 1):
+        self.rank = rank
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"simulated failure on rank {self.rank} at step {self.step}")
+
+
+class PoisonBatch(L.Callback):
+    """Puts a NaN into one rank's images at one step (the loss of that rank becomes NaN)."""
+
+    def __init__(self, rank: int = 1, step: int = 1):
+        self.rank = rank
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch["image"][0] = float("nan")

@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ldm.data.buckets import AspectRatioBuckets
 from ldm.data.shards import (
     DataStats,
     MissingCaption,
@@ -45,10 +46,14 @@ class ShardDataModule(L.LightningDataModule):
         missing_caption: "skip" drops samples without a caption (default: for text-to-image every sample should
             have one); "empty" keeps them with "" (unconditional data, or a classifier-free-guidance share).
         seed: seed of shard order, sample shuffling and resampling (combined with epoch, rank and worker).
+        buckets: aspect-ratio buckets for training (see ldm.data.buckets): a list of [height, width] or a rule
+            {max_area, step, max_ratio}; each batch then holds one bucket's size. None: square `resolution`.
         build: called in `prepare_data` (once per node, before any reading) to create the shards, e.g.
             `functools.partial(build_emoji_shards, "data/emoji", size=64)`; must be idempotent, i.e. cheap when
             its output is already up to date, since it runs on every start.
     """
+
+    dataset_class: type[ShardDataset] = ShardDataset  # what reads the shards (cached latents: a subclass)
 
     def __init__(
         self,
@@ -65,6 +70,7 @@ class ShardDataModule(L.LightningDataModule):
         missing_caption: MissingCaption = "skip",
         seed: int = 0,
         build: Callable[[], Any] | None = None,
+        buckets: Any = None,
     ) -> None:
         super().__init__()
         if missing_caption not in ("skip", "empty"):
@@ -82,6 +88,7 @@ class ShardDataModule(L.LightningDataModule):
         self.missing_caption = missing_caption
         self.seed = seed
         self.build = build
+        self.buckets = None if buckets is None else AspectRatioBuckets.from_config(buckets)
         self.train_stats: DataStats | None = None
         self.val_stats: DataStats | None = None
         self.train_dataset: ShardDataset | None = None
@@ -95,7 +102,7 @@ class ShardDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_stats = DataStats()
-            self.train_dataset = ShardDataset(
+            self.train_dataset = self.dataset_class(
                 self.train_shards,
                 resolution=self.resolution,
                 random_crop=self.random_crop,
@@ -107,6 +114,7 @@ class ShardDataModule(L.LightningDataModule):
                 missing_caption=self.missing_caption,
                 seed=self.seed,
                 stats=self.train_stats,
+                **({"buckets": self.buckets} if self.buckets is not None else {}),
             )
             rank, world_size = node_info()
             logger.info("train shards: %d from %r (rank %d/%d, resampled=%s, epoch_length=%s)",
@@ -123,7 +131,7 @@ class ShardDataModule(L.LightningDataModule):
             # Each rank validates its own shards; with fewer shards than ranks every rank reads them all instead
             # (duplicated work, same metric) rather than some ranks having nothing to validate.
             _, world_size = node_info()
-            self.val_dataset = ShardDataset(
+            self.val_dataset = self.dataset_class(
                 self.val_shards,
                 split_nodes=len(expand_shards(self.val_shards)) >= world_size,
                 resolution=self.resolution,
@@ -148,7 +156,18 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         assert self.train_dataset is not None
-        return self._loader(self.train_dataset)
+        loader = self._loader(self.train_dataset)
+        trainer = self.trainer
+        if trainer is not None and trainer.global_step > 0:
+            # Resuming: Lightning restores the step and epoch but restarts an iterable dataset from scratch.
+            epoch = trainer.current_epoch
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if self.train_dataset.epoch_length is not None and batches >= len(loader):
+                epoch, batches = epoch + 1, 0
+            loader.resume_from(epoch, batches, trainer.global_step)
+            logger.info("resuming the data at epoch %d after %d batches (step %d)", epoch, batches,
+                        trainer.global_step)
+        return loader
 
     def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:

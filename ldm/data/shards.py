@@ -38,6 +38,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ldm.data.buckets import AspectRatioBuckets, BucketTransform, batch_by_bucket
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -253,11 +254,26 @@ def _shorten(urls: Sequence[str], n: int = 4) -> str:
     return shown + (f", ... ({len(urls)} shards)" if len(urls) > n else "")
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a resumed run continues inside an epoch: `batches` of `batch_size` samples per rank were trained,
+    the last optimizer step being `step`."""
+
+    batches: int
+    batch_size: int
+    step: int
+
+    def consumed(self, worker: int, num_workers: int) -> int:
+        """Samples this DataLoader worker had produced (workers hand out batches in turn)."""
+        return len(range(worker, self.batches, num_workers)) * self.batch_size
+
+
 @dataclass
 class _Pass:
     """What one pass (one epoch of one worker) has seen; used to tell 'some bad samples' from 'nothing usable'."""
 
     epoch: int
+    resume: Resume | None = None
     shards: list[str] = field(default_factory=list)
     raw: int = 0
     usable: int = 0
@@ -295,6 +311,7 @@ class ShardDataset(wds.DataPipeline):
         stats: DataStats | None = None,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
         split_nodes: bool = True,
+        buckets: AspectRatioBuckets | None = None,
     ) -> None:
         if missing_caption not in ("skip", "empty"):
             raise ValueError(f"missing_caption must be 'skip' or 'empty', got {missing_caption!r}")
@@ -311,8 +328,16 @@ class ShardDataset(wds.DataPipeline):
         self.seed = seed
         self.split_nodes = split_nodes
         self.stats = stats if stats is not None else DataStats()
+        # With buckets, images keep their aspect ratio: each is cropped to the bucket nearest its shape, and
+        # batches are formed here, one bucket per batch (ShardLoader sets bucket_batch_size).
+        self.buckets = buckets
+        self.bucket_batch_size: int | None = None
+        if transform is None and buckets is not None:
+            transform = BucketTransform(buckets, random_crop=random_crop, flip_prob=flip_prob)
         self.transform = transform or ImageTransform(resolution, random_crop=random_crop, flip_prob=flip_prob)
+        self.draft_size = buckets.max_side if buckets is not None else resolution
         self.epoch = 0
+        self.resume: Resume | None = None  # taken by the next pass only
         # Rank as seen by the process that built the dataset. DataLoader workers started with "spawn" have neither
         # the process group nor (under some launchers) RANK/WORLD_SIZE, and would all think they are rank 0.
         self.node = node_info()
@@ -325,17 +350,26 @@ class ShardDataset(wds.DataPipeline):
         stages += [self._track_shards, wds.tarfile_to_samples(handler=self._on_shard_error), self._track_raw]
         if shuffle and shuffle_buffer > 1:
             stages.append(self._shuffle_samples)
+        if not resampled:
+            stages.append(self._skip_consumed)
         stages.append(self._decode)
         if epoch_length is not None:
             stages.append(self._cut_epoch)
+        if buckets is not None:
+            stages.append(self._batch_by_bucket)
         super().__init__(*stages)
 
     # -- epochs and splitting -----------------------------------------------------------------------------------
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, resume: Resume | None = None) -> None:
         """Set the epoch used for shuffling seeds. Called from the main process before workers start: workers that
-        are not persistent get a fresh copy each epoch; persistent ones advance their own copy after each pass."""
+        are not persistent get a fresh copy each epoch; persistent ones advance their own copy after each pass.
+
+        ``resume``: the next pass continues an interrupted epoch. Resampled streams are drawn afresh (the resume
+        step joins their seeds), so a resumed run does not replay the samples the epoch began with; plain
+        passes keep their order and skip the samples already trained on."""
         self.epoch = epoch
+        self.resume = resume
         if torch.utils.data.get_worker_info() is None:
             rank, world_size = node_info()
             if world_size > 1:  # the process group may have been set up after the dataset was built
@@ -350,12 +384,13 @@ class ShardDataset(wds.DataPipeline):
     def _shard_urls(self) -> Iterator[dict[str, str]]:
         epoch = self.epoch
         self.epoch += 1
-        self._pass = _Pass(epoch=epoch)
+        self._pass = _Pass(epoch=epoch, resume=self.resume)
+        self.resume = None
         if self.resampled:
             rank, _ = self.current_node()
             worker, _ = worker_info()
             # Distinct per rank and worker (else all would read the same shards), reproducible per epoch.
-            rng = random.Random(f"{self.seed}/{epoch}/{rank}/{worker}/shards")
+            rng = random.Random(f"{self.seed}/{epoch}/{rank}/{worker}/shards{self._resume_salt()}")
             return ({"url": rng.choice(self.urls)} for _ in itertools.count())
         order = list(self.urls)
         if self.shuffle:
@@ -400,7 +435,8 @@ class ShardDataset(wds.DataPipeline):
         # A buffer of raw (still encoded) samples: shuffling before decoding keeps the buffer small.
         rank, _ = self.current_node()
         worker, _ = worker_info()
-        rng = random.Random(f"{self.seed}/{self._pass.epoch}/{rank}/{worker}/samples")
+        salt = self._resume_salt() if self.resampled else ""  # a plain pass keeps its order (and skips)
+        rng = random.Random(f"{self.seed}/{self._pass.epoch}/{rank}/{worker}/samples{salt}")
         buffer: list[dict] = []
         for sample in src:
             buffer.append(sample)
@@ -410,6 +446,16 @@ class ShardDataset(wds.DataPipeline):
                 yield buffer.pop()
         rng.shuffle(buffer)
         yield from buffer
+
+    def _resume_salt(self) -> str:
+        resume = self._pass.resume
+        return "" if resume is None else f"/resumed-at-step-{resume.step}"
+
+    def _skip_consumed(self, src: Iterable[dict]) -> Iterator[dict]:
+        # Before decoding, so skipping costs reading only. Exact unless skipped samples included bad ones.
+        resume = self._pass.resume
+        n = 0 if resume is None else resume.consumed(*worker_info())
+        return itertools.islice(src, n, None)
 
     def _skip(self, reason: str, key: str, url: str, detail: str) -> None:
         state = self._pass
@@ -442,7 +488,7 @@ class ShardDataset(wds.DataPipeline):
                     continue
                 self.stats.add("empty_caption")
             try:
-                image = self.transform(decode_image(data, draft_size=self.resolution))
+                image = self.transform(decode_image(data, draft_size=self.draft_size))
             except Exception as exn:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
                 self._skip("corrupt_image", key, url, repr(exn)[:200])
                 continue
@@ -461,7 +507,14 @@ class ShardDataset(wds.DataPipeline):
 
     def _cut_epoch(self, src: Iterable[dict]) -> Iterator[dict]:
         worker, num_workers = worker_info()
-        return itertools.islice(src, self.samples_per_worker(worker, num_workers))
+        resume = self._pass.resume
+        done = 0 if resume is None else resume.consumed(worker, num_workers)
+        return itertools.islice(src, max(0, self.samples_per_worker(worker, num_workers) - done))
+
+    def _batch_by_bucket(self, src: Iterable[dict]) -> Iterator[dict]:
+        if self.bucket_batch_size is None:
+            raise RuntimeError("a bucketed ShardDataset batches itself: read it through a ShardLoader")
+        return batch_by_bucket(src, self.bucket_batch_size, collate_samples)
 
     def samples_per_worker(self, worker: int, num_workers: int) -> int:
         """This worker's share of `epoch_length` (samples per rank), so that all workers together give exactly
@@ -485,12 +538,17 @@ class ShardDataset(wds.DataPipeline):
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """[{"image": (3,R,R), "caption": str, "key": str}, ...] → {"image": (B,3,R,R), "caption": [B], "key": [B]}."""
+    """[{"image": (3,R,R), "caption": str, "key": str}, ...] → {"image": (B,3,R,R), "caption": [B], "key": [B]}:
+    tensors are stacked, other values listed (whatever the fields, e.g. cached latents)."""
     return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
+        name: torch.stack([s[name] for s in samples]) if isinstance(value, torch.Tensor) else [s[name] for s in samples]
+        for name, value in samples[0].items()
     }
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The collate function for datasets that yield whole batches (a module-level function: workers pickle it)."""
+    return batch
 
 
 class ShardLoader:
@@ -517,26 +575,44 @@ class ShardLoader:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.drop_last = drop_last
+        bucketed = getattr(dataset, "buckets", None) is not None
+        if bucketed:
+            dataset.bucket_batch_size = batch_size  # the dataset makes one-bucket batches itself
         self.loader = torch.utils.data.DataLoader(
             dataset,
-            batch_size=batch_size,
+            batch_size=None if bucketed else batch_size,
             num_workers=num_workers,
-            collate_fn=collate_samples,
+            collate_fn=_as_is if bucketed else getattr(dataset, "collate_fn", collate_samples),
             pin_memory=pin_memory,
-            drop_last=drop_last,
+            drop_last=drop_last and not bucketed,
             persistent_workers=persistent_workers and num_workers > 0,
             prefetch_factor=2 if num_workers > 0 else None,
         )
         self._epoch = 0
+        self._resume: Resume | None = None
+
+    def resume_from(self, epoch: int, batches: int, step: int) -> None:
+        """A resumed run: the next pass is epoch ``epoch``, of which ``batches`` batches were trained already
+        (the data position Lightning does not restore for iterable datasets)."""
+        self._epoch = epoch
+        self._resume = Resume(batches, self.batch_size, step) if batches > 0 else None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.shard_dataset.set_epoch(self._epoch)
+        resumed = self._resume is not None
+        self.shard_dataset.set_epoch(self._epoch, self._resume)
+        self._resume = None
         self._epoch += 1
         batches = 0
-        for batch in self.loader:
-            batches += 1
-            yield batch
-        if batches == 0:
+        try:
+            for batch in self.loader:
+                # Taken by now (by this process's pass, or by the workers' copies of the dataset): later passes,
+                # e.g. of workers started afresh each epoch, begin at their epoch's start.
+                self.shard_dataset.resume = None
+                batches += 1
+                yield batch
+        finally:
+            self.shard_dataset.resume = None
+        if batches == 0 and not resumed:  # a resumed epoch may have had nothing left
             raise NoUsableDataError(self._empty_message())
 
     def __len__(self) -> int:

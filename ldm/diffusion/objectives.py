@@ -118,14 +118,18 @@ def diffusion_loss(
     t: Tensor | None = None,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    reduction: str = "mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Denoising loss: draw t and eps, form x_t, regress the target of `prediction_type` with an MSE.
 
     x0: (B, C, H, W) clean latents. `t` (B,) long and `noise` (B, C, H, W) are drawn when not given; a given
     `noise` is used as is (offset_noise only shapes noise drawn here). `model_fn(x_t, t)` returns the
-    prediction. Returns the batch-mean loss (float32 scalar) and per-sample float32 statistics, detached:
+    prediction. Returns the batch-mean loss (float32 scalar; with reduction="none" the per-sample losses (B,),
+    for losses that weigh parts of a batch differently) and per-sample float32 statistics, detached:
     t, snr, weight, mse (unweighted) and loss (weighted).
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     batch = x0.shape[0]
     if t is None:
         t = schedule.sample_timesteps(batch, generator=generator, device=x0.device)
@@ -147,4 +151,4 @@ def diffusion_loss(
         weight = min_snr_weight(snr, min_snr_gamma, prediction_type)
     per_sample = weight * mse  # (B,)
     stats = {"t": t, "snr": snr, "weight": weight, "mse": mse.detach(), "loss": per_sample.detach()}
-    return per_sample.mean(), stats
+    return (per_sample.mean() if reduction == "mean" else per_sample), stats

@@ -48,10 +48,13 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (proj(y).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))  # (B,1,HW,C)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        # The 1×1 convs applied to tokens as the linear maps they are: q, k, v come out contiguous, which torch's
+        # fused (flash) attention kernel needs; strided ones send it to the path that stores the HW×HW scores.
+        q, k, v = (F.linear(tokens, p.weight.flatten(1), p.bias)[:, None] for p in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
-        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.transpose(1, 2).view(b, c, h, w)  # the add reads the transposed view
 
 
 class Downsample(nn.Module):
@@ -232,10 +235,11 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), posterior
 
     def encode_to_latent(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """Image → the scaled latent the diffusion model works on."""
-        posterior = self.encode(x)
-        return (posterior.sample() if sample else posterior.mode()) * self.scale_factor
+        """Image → the scaled latent the diffusion model works on (float32 whatever the weights' dtype)."""
+        posterior = self.encode(x.to(self.quant_conv.weight.dtype))
+        return (posterior.sample() if sample else posterior.mode()).float() * self.scale_factor
 
     def decode_from_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latent → image in [-1, 1] (not clamped)."""
-        return self.decode(z / self.scale_factor)
+        """Scaled latent → image in [-1, 1] (not clamped), float32 whatever the weights' dtype (a bf16 or fp16
+        autoencoder decodes in its own dtype)."""
+        return self.decode((z.float() / self.scale_factor).to(self.post_quant_conv.weight.dtype)).float()

@@ -14,7 +14,8 @@ what produced the context: text, class labels or any other embedding sequence.
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,8 @@ class UNetModel(nn.Module):
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         attention_backend: str = "auto",
+        fuse_attention_projections: bool = True,
+        trim_masked_context: bool = True,
     ):
         """
         attention_resolutions: downsampling factors (1 = full latent resolution) at which blocks get a
@@ -114,6 +117,10 @@ class UNetModel(nn.Module):
         num_heads / head_dim: set exactly one. ``num_heads`` fixes the count of heads at every level (SD1:
             8); ``head_dim`` fixes the channels per head and lets the count grow with width (SD2: 64).
         use_linear_projection: transformer proj_in/proj_out as linear layers (SD2) instead of 1×1 convs (SD1).
+        fuse_attention_projections: compute q, k, v (self-attention) and k, v (cross-attention) with one GEMM
+            each; the weights and their checkpoint keys stay separate.
+        trim_masked_context: drop the context positions after the last one any sample attends to (the padding
+            of short prompts) before cross-attention; the output is the same, the work is smaller.
         """
         super().__init__()
         if (num_heads is None) == (head_dim is None):
@@ -126,6 +133,9 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         self.context_dim = context_dim
         self.gradient_checkpointing = gradient_checkpointing
+        self.trim_masked_context = trim_masked_context
+        self._context_cache_on = False
+        self._cached_context: torch.Tensor | None = None
         self.num_levels = len(channel_mult)
         emb_dim = model_channels * 4
         self.time_embed = TimestepEmbedding(model_channels, emb_dim)
@@ -175,6 +185,7 @@ class UNetModel(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, Attention):
                 module.name = name
+                module.fuse_projections = fuse_attention_projections
 
     @property
     def downsampling_factor(self) -> int:
@@ -187,6 +198,65 @@ class UNetModel(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         for layer in self.attention_layers():
             layer.backend = backend
+
+    @contextmanager
+    def cache_context(self) -> Iterator[UNetModel]:
+        """Compute the cross-attention keys and values of a context once and reuse them in later calls.
+
+        A sampling loop runs the U-Net on the same text at every step, and the keys and values of that text
+        (a (B, L, context_dim) projection in every cross-attention layer) do not depend on the step. Inside this
+        block a call whose context equals the previous call's (one comparison per call) reuses them. Calls with
+        autograd on are not cached; the weights must not change inside the block.
+        """
+        layers = [layer for layer in self.attention_layers() if layer.is_cross]
+        for layer in layers:
+            layer.context_cache = {}
+        self._context_cache_on = True
+        try:
+            yield self
+        finally:
+            self._context_cache_on = False
+            self._cached_context = None
+            for layer in layers:
+                layer.context_cache = None
+
+    def _same_context(self, context: torch.Tensor) -> torch.Tensor:
+        """The cached context object if ``context`` equals it (the layers key their caches on identity)."""
+        if not self._context_cache_on or torch.is_grad_enabled():
+            return context
+        cached = self._cached_context
+        if (
+            cached is not None
+            and cached.shape == context.shape
+            and cached.dtype == context.dtype
+            and cached.device == context.device
+            and torch.equal(cached, context)
+        ):
+            return cached
+        self._cached_context = context
+        return context
+
+    def _trim_padding(
+        self, context: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cut the context after the last position that any sample attends to.
+
+        Masked keys get exactly zero attention weight, so dropping the padding of short prompts (most of the 77
+        positions of a CLIP context) changes nothing but the cost of cross-attention's keys, values and scores.
+        Left alone when a sample attends to nothing (its weights would be spread over whatever remains) and while
+        an attention controller is set (the editing tools index all context positions).
+        """
+        if mask is None or not self.trim_masked_context:
+            return context, mask
+        if any(layer.controller is not None for layer in self.attention_layers()):
+            return context, mask
+        length = mask.shape[1]
+        positions = torch.arange(1, length + 1, device=mask.device)
+        last = (mask.to(positions.dtype) * positions).amax(dim=1)  # (B,) 1-based last attended position, 0: none
+        keep = int(torch.where((last > 0).all(), last.amax(), length))  # one host sync per call
+        if keep == length:
+            return context, mask
+        return context[:, :keep], mask[:, :keep]
 
     def _run(self, block: TimestepSequential, h, emb, context, mask):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -213,7 +283,8 @@ class UNetModel(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(t)  # (B, 4·model_channels)
-        context = context.to(x.dtype)
+        context, context_mask = self._trim_padding(context.to(x.dtype), context_mask)
+        context = self._same_context(context)
 
         skips = []
         h = x

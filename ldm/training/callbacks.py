@@ -1,4 +1,4 @@
-"""Callbacks: sample grids during stage-2 training."""
+"""Callbacks: sample grids during stage-2 training, data statistics, and a guard against saving NaN weights."""
 
 from __future__ import annotations
 
@@ -103,3 +103,25 @@ class DataStatsLogger(L.Callback):
         elif stats:
             log.info("data: no samples skipped on rank %d (%s)", trainer.global_rank,
                      ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+
+
+class FiniteWeightsGuard(L.Callback):
+    """Refuses to write a checkpoint whose parameters hold NaN or inf, so a diverged run never replaces the last
+    good `last.ckpt`. Every rank checks its own weights (its shard under FSDP) and the counts are summed, so
+    all ranks stop together with the same error, before anything is written."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Parameters only (trained weights, frozen parts, the EMA copy): some buffers hold -inf on purpose, e.g.
+        # a text encoder's additive causal attention mask.
+        bad = [name for name, t in pl_module.named_parameters()
+               if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+        count = torch.tensor(float(len(bad)), device=pl_module.device)
+        if trainer.world_size > 1:
+            count = trainer.strategy.reduce(count, reduce_op="sum")
+        if count.item() > 0:
+            shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+            raise FloatingPointError(
+                f"refusing to save a checkpoint at step {trainer.global_step}: non-finite weights "
+                f"({shown or 'on another rank'}); the last checkpoint written is kept. Resume from it with a lower "
+                "learning rate, or set model.nonfinite_loss=skip")
+

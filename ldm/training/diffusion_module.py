@@ -11,23 +11,32 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+from contextlib import nullcontext
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
-from ldm.diffusion.objectives import diffusion_loss, normalize_prediction_type
+from ldm.diffusion.objectives import diffusion_loss, normalize_prediction_type, sample_offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.modules.autoencoder import AutoencoderKL
+from ldm.modules.lora import LoRASettings, add_lora
 from ldm.modules.unet import UNetModel
 from ldm.training.autoencoder_module import plain
 from ldm.training.checkpoint import load_checkpoint
 from ldm.training.ema import EMA
 from ldm.training.lr_schedule import build_lr_scheduler
+from ldm.training.rng import rng_state, sample_generators, set_rng_state
 
 log = logging.getLogger(__name__)
+
+NOISE_SEEDINGS = ("global", "per_sample")
+AUTOENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_conditioner(config: dict, seed: int = 0) -> nn.Module:
@@ -36,6 +45,17 @@ def build_conditioner(config: dict, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return hydra.utils.instantiate(config, _convert_="all")
+
+
+def trainable_config(conditioner: dict) -> dict:
+    """The config of the trainable variant of a frozen open_clip text encoder (for train_conditioner)."""
+    from ldm.conditioning.trainable_text import TARGET
+
+    frozen_target = "ldm.conditioning.text.FrozenOpenCLIPTextEncoder"
+    if conditioner.get("_target_") not in (frozen_target, TARGET):
+        raise ValueError(f"train_conditioner / lora.text_encoder need an open_clip text encoder "
+                         f"({frozen_target}), not {conditioner.get('_target_')}")
+    return {**conditioner, "_target_": TARGET}
 
 
 def load_autoencoder(ckpt_path: str) -> tuple[AutoencoderKL, dict, float | None]:
@@ -73,6 +93,12 @@ class DiffusionModule(L.LightningModule):
         conditioner_seed: int = 0,
         nonfinite_loss: str = "raise",
         sampling: dict | None = None,
+        noise_seeding: str = "global",
+        autoencoder_precision: str = "fp32",
+        compile: bool | dict = False,
+        init=None,
+        lora: dict | bool | None = None,
+        train_conditioner: bool = False,
     ):
         """
         unet: UNetModel arguments. conditioner: a Hydra config with ``_target_`` (text or class labels).
@@ -84,15 +110,48 @@ class DiffusionModule(L.LightningModule):
         ema: EMA arguments (decay, start_step, update_every, warmup), or None for no EMA.
         optimizer: a Hydra config of a partial optimizer (``_partial_: true``) that takes the parameters.
         lr_schedule: build_lr_scheduler arguments (kind, warmup_steps, min_lr_ratio).
-        nonfinite_loss: "raise" stops the run on a NaN/inf loss; "skip" drops that batch's update.
+        nonfinite_loss: "raise" stops the run on a NaN/inf loss; "skip" drops that batch's update (on every rank
+            together when any rank's loss is non-finite, so data-parallel ranks stay in step).
         sampling: defaults for sample images (sampler, steps, cfg_scale, ...), saved for the pipeline.
+        noise_seeding: "global" draws t, noise, posterior noise and caption dropout from the global RNG;
+            "per_sample" draws them for each sample from a generator seeded by (seed, sample key, step), so a
+            run does not depend on how its batches are split over ranks (1 GPU × batch 64 = 8 GPUs × batch 8).
+        autoencoder_precision: "fp32" | "bf16" | "fp16": the dtype the frozen autoencoder encodes in, with
+            autocast off (fp16 VAEs are known to overflow to NaN; bf16 halves their memory and time safely).
+        compile: torch.compile the U-Net's forward (in place: state-dict keys keep their names); a dict gives
+            torch.compile's arguments (e.g. {"mode": "max-autotune"}). Not saved: it belongs to a run, not to
+            the weights, so sampling from the checkpoint does not compile.
+        init: a ``PretrainedInit`` (ldm.training.init_from) to start from: it decides the U-Net architecture, the
+            autoencoder (unless ``autoencoder_ckpt`` is given), the text encoder, the prediction type and the
+            schedule where it holds them, and gives their weights; the EMA starts from the loaded U-Net.
+        lora: LoRASettings fields (or true for the defaults): adapters on the U-Net's attention projections (and
+            on the text encoder with ``text_encoder: true``); then only the adapters train.
+        train_conditioner: train the text encoder with the U-Net (DreamBooth's train_text_encoder); with LoRA
+            on, it means adapters in the text encoder rather than its full weights.
         """
         super().__init__()
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
+        if noise_seeding not in NOISE_SEEDINGS:
+            raise ValueError(f"noise_seeding must be one of {NOISE_SEEDINGS}, got {noise_seeding!r}")
+        if autoencoder_precision not in AUTOENCODER_DTYPES:
+            raise ValueError(f"autoencoder_precision must be one of {tuple(AUTOENCODER_DTYPES)}, "
+                             f"got {autoencoder_precision!r}")
         unet, conditioner, schedule, ema, optimizer, lr_schedule, sampling = map(
             plain, (unet, conditioner, schedule, ema, optimizer, lr_schedule, sampling)
         )
+        lora = LoRASettings.parse(plain(lora))
+        if init is not None:
+            unet = init.unet_kwargs(unet)
+            if init.conditioner_config is not None:
+                conditioner = init.conditioner_config
+                conditioner_seed = conditioner_seed if init.conditioner_seed is None else init.conditioner_seed
+            schedule = {**schedule, **(init.schedule_config or {})}
+            prediction_type = init.prediction_type or prediction_type
+            if autoencoder_ckpt is None:
+                if init.autoencoder_config is None:
+                    raise ValueError(f"init_from {init.source} holds no autoencoder: set autoencoder.ckpt_path=PATH")
+                autoencoder = init.autoencoder_config  # its scale_factor comes with it
         latent_std = None
         if autoencoder_ckpt is not None:
             vae, autoencoder, latent_std = load_autoencoder(autoencoder_ckpt)
@@ -104,22 +163,58 @@ class DiffusionModule(L.LightningModule):
         autoencoder = plain(autoencoder)
         if scale_factor is None:
             scale_factor = 1.0 / latent_std if latent_std else vae.scale_factor
-        self.save_hyperparameters(ignore=["autoencoder_ckpt"])
+        self.save_hyperparameters(ignore=["autoencoder_ckpt", "init"])
         self.hparams["scale_factor"] = float(scale_factor)
         self.hparams["autoencoder"] = autoencoder
+        self.hparams.update(unet=unet, conditioner=conditioner, conditioner_seed=conditioner_seed, schedule=schedule,
+                            prediction_type=prediction_type, lora=lora.as_dict() if lora.enabled else None)
         log.info("latent scale_factor = %.5f", scale_factor)
 
         self.prediction_type = normalize_prediction_type(prediction_type)
         self.unet = UNetModel(**unet)
-        self.autoencoder = vae.requires_grad_(False).eval()
+        self.autoencoder = vae.requires_grad_(False).eval().to(AUTOENCODER_DTYPES[autoencoder_precision])
         self.autoencoder.scale_factor = float(scale_factor)
-        self.conditioner = build_conditioner(conditioner, conditioner_seed)
+        train_text = train_conditioner or (lora.enabled and lora.text_encoder)
+        self.conditioner = build_conditioner(trainable_config(conditioner) if train_text else conditioner,
+                                             conditioner_seed)
         if getattr(self.conditioner, "frozen", True):
             self.conditioner.requires_grad_(False).eval()
+        if init is not None:
+            self._load_init(init, load_autoencoder=autoencoder_ckpt is None)
+        if lora.enabled:
+            # After the pretrained weights, before the EMA copy: adapters start at zero (the loaded model),
+            # and from here on only they train.
+            add_lora(self.unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules, "U-Net")
+            if train_text:
+                add_lora(self.conditioner.text, lora.rank, lora.alpha, lora.dropout,
+                         lora.text_encoder_target_modules, "text encoder")
+            log.info("LoRA (rank %d, alpha %g): %d trainable parameters", lora.rank, lora.alpha,
+                     sum(p.numel() for p in self.trainable_parameters()))
         self.schedule = NoiseSchedule(**schedule)
         self.ema = EMA(self.unet, **ema) if ema else None
         self._ema_step = -1
         self.skipped_nonfinite = 0
+        self._uncond_context: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._skip_update = False
+        self.register_load_state_dict_pre_hook(DiffusionModule._fill_frozen_conditioner)
+        self.hparams.pop("compile", None)
+        if compile:
+            # In place, after the EMA copy: the module keeps its parameter names (no "_orig_mod." prefix), so
+            # checkpoints, resume and the EMA are the same with and without compilation.
+            options = plain(compile)
+            self.unet.compile(**(options if isinstance(options, dict) else {}))
+
+    def _load_init(self, init, load_autoencoder: bool) -> None:
+        self.unet.load_state_dict(init.unet_state, strict=True)
+        if load_autoencoder:
+            self.autoencoder.load_state_dict(init.autoencoder_state, strict=True)
+        if init.conditioner_state is not None:
+            self.conditioner.load_state_dict(init.conditioner_state, strict=True)
+        width = getattr(self.conditioner, "output_dim", None)
+        if width is not None and width != self.unet.context_dim:
+            raise ValueError(f"init_from {init.source}: the U-Net's context_dim is {self.unet.context_dim} but the "
+                             f"conditioner gives {width}-wide contexts (model.conditioner does not fit these weights)")
+        log.info("initialised from %s", init.source)
 
     # -- frozen parts -----------------------------------------------------------------------------------------
 
@@ -135,31 +230,117 @@ class DiffusionModule(L.LightningModule):
             self.conditioner.eval()
         return self
 
+    def fsdp_ignored_modules(self) -> list[nn.Module]:
+        """What FSDP (trainer=fsdp) leaves whole on every rank: the parts without gradients and the EMA copy."""
+        modules: list[nn.Module] = [self.autoencoder]
+        if self.conditioner_frozen:
+            modules.append(self.conditioner)
+        if self.ema is not None:
+            modules.append(self.ema)
+        return modules
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.conditioner_frozen:
             # The frozen encoder is rebuilt from its config (or its pretrained file) on load: not trainable state.
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if not k.startswith("conditioner.")}
+        # Every rank's RNG state (each rank draws its own noise), so that a resumed run draws what this one would.
+        checkpoint["rng_states"] = self._from_all_ranks(rng_state())
+
+    def _fill_frozen_conditioner(self, state_dict: dict, prefix: str, *args) -> None:
+        # Checkpoints do not store the frozen conditioner: loading takes its rebuilt weights. A hook rather than
+        # on_load_checkpoint alone, because FSDP's resume loads the state dict before calling that.
+        if self.conditioner_frozen:
+            for k, v in self.conditioner.state_dict(prefix=f"{prefix}conditioner.").items():
+                state_dict.setdefault(k, v)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.conditioner_frozen:
-            state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")  # FSDP's resume has loaded (and removed) it already
+        if self.conditioner_frozen and state is not None:
             for k, v in self.conditioner.state_dict(prefix="conditioner.").items():
                 state.setdefault(k, v)
+        # Applied just before the first training step after resuming: data loading set-up draws from the RNG too.
+        self._resumed_rng_states = checkpoint.get("rng_states")
+
+    # -- ranks ------------------------------------------------------------------------------------------------
+
+    def _from_all_ranks(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...]; every rank must call this (a collective)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [obj]
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value, reduce_op="sum")
+
+    def _fsdp_root(self):
+        """The FSDP-wrapped model under trainer=fsdp, else None."""
+        model = self.trainer.strategy.model if self._trainer is not None else None
+        return model if isinstance(model, FullyShardedDataParallel) else None
+
+    def on_fit_start(self) -> None:
+        # train.py seeds every rank alike; give each rank its own stream so that ranks draw different t, noise
+        # and caption dropout for their different samples (a resumed run then restores each rank's state).
+        if self.trainer.world_size > 1:
+            seed = (int(os.environ.get("PL_GLOBAL_SEED", 0)) + 1_000_003 * self.global_rank) % 2**32
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
 
     # -- the step ---------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        posterior = self.autoencoder.encode(images.to(next(self.autoencoder.parameters()).dtype))
-        z = posterior.sample() if self.hparams.sample_posterior else posterior.mode()
-        return z.float() * self.autoencoder.scale_factor
+    def sample_generators(self, batch: dict) -> list[torch.Generator] | None:
+        """With noise_seeding="per_sample", one generator per sample seeded by (run seed, step, sample key);
+        else None: draws come from the global RNG."""
+        if self.hparams.get("noise_seeding", "global") != "per_sample":
+            return None
+        if "key" not in batch:
+            raise ValueError("model.noise_seeding=per_sample needs a 'key' for every sample of a batch")
+        return sample_generators(list(batch["key"]), os.environ.get("PL_GLOBAL_SEED", 0), self.global_step)
 
-    def drop_captions(self, captions: list) -> list:
+    @staticmethod
+    def _randn(like: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+        if generators is None:
+            return torch.randn(like.shape, device=like.device, dtype=like.dtype)
+        return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor | None,
+                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """z0 = (mean + std·ε)·scale_factor from the posterior q(z|x); its mean without sample_posterior."""
+        z = mean.float()
+        if self.hparams.sample_posterior and std is not None:
+            z = z + std.float() * self._randn(z, generators)
+        return z * self.autoencoder.scale_factor
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        # The autoencoder runs in its own precision (autoencoder_precision), never under the trainer's autocast.
+        with torch.autocast(self.device.type, enabled=False):
+            posterior = self.autoencoder.encode(images.to(next(self.autoencoder.parameters()).dtype))
+        return self.sample_latents(posterior.mean, posterior.std, generators)
+
+    def batch_latents(self, batch: dict, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """z0 (B, C, h, w): encoded from batch["image"], or from cached posteriors batch["latent"] (the mean,
+        unscaled) and batch["latent_std"] (see ldm.data.cache_latents)."""
+        if "latent" in batch:
+            return self.sample_latents(batch["latent"].to(self.device), batch.get("latent_std"), generators)
+        return self.encode_images(batch["image"], generators)
+
+    def drop_flags(self, n: int, generators: list[torch.Generator] | None = None) -> list[bool]:
+        """Which of n captions become "" (probability ucg_rate, training only)."""
         rate = self.hparams.ucg_rate
         if not self.training or rate <= 0:
-            return list(captions)
-        return ["" if random.random() < rate else c for c in captions]
+            return [False] * n
+        if generators is None:
+            return [random.random() < rate for _ in range(n)]
+        return [bool(torch.rand((), generator=g) < rate) for g in generators]
+
+    def drop_captions(self, captions: list) -> list:
+        return ["" if drop else c for c, drop in zip(captions, self.drop_flags(len(captions)))]
 
     def condition(self, captions: list) -> tuple[torch.Tensor, torch.Tensor]:
         if self.conditioner_frozen:
@@ -169,32 +350,81 @@ class DiffusionModule(L.LightningModule):
             context, mask = self.conditioner(captions)
         return context.to(self.device), mask.to(self.device)
 
-    def training_step(self, batch: dict, batch_idx: int):
-        z0 = self.encode_images(batch["image"])  # (B, C, h, w)
-        context, mask = self.condition(self.drop_captions(batch["caption"]))
-        loss, stats = diffusion_loss(
-            lambda x_t, t: self.unet(x_t, t, context, mask),
+    def empty_context(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context of "" (1, length, d), padded with masked zeros (masked tokens get no attention)."""
+        if self._uncond_context is None:
+            self._uncond_context = self.condition([""])
+        context, mask = self._uncond_context
+        pad = length - context.shape[1]
+        if pad < 0:
+            raise ValueError(f"cached contexts hold {length} tokens, fewer than the {context.shape[1]} of \"\"")
+        return (torch.nn.functional.pad(context, (0, 0, 0, pad)).to(self.device),
+                torch.nn.functional.pad(mask, (0, pad), value=False).to(self.device))
+
+    def batch_context(self, batch: dict, generators: list[torch.Generator] | None = None):
+        """(context (B, L, d), mask (B, L)) of the captions after dropout, or of cached text embeddings
+        (batch["context"], batch["mask"]) with the dropped rows replaced by the context of ""."""
+        n = len(batch["caption"]) if "caption" in batch else batch["context"].shape[0]
+        drop = self.drop_flags(n, generators)
+        if "context" not in batch:
+            return self.condition(["" if d else c for c, d in zip(batch["caption"], drop)])
+        context, mask = batch["context"].to(self.device), batch["mask"].to(self.device)
+        if any(drop):
+            uncond, uncond_mask = self.empty_context(context.shape[1])
+            rows = torch.tensor(drop, device=self.device)
+            context = torch.where(rows[:, None, None], uncond.to(context.dtype), context)
+            mask = torch.where(rows[:, None], uncond_mask, mask)
+        return context, mask
+
+    def training_loss(self, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, dict]:
+        """The denoising loss of a batch of images or cached latents (and captions or cached contexts); with
+        reduction="none" the per-sample losses (B,) float32, for losses that weigh parts of a batch."""
+        generators = self.sample_generators(batch)
+        z0 = self.batch_latents(batch, generators)  # (B, C, h, w)
+        context, mask = self.batch_context(batch, generators)
+        t = noise = None
+        if generators is not None:
+            t = torch.cat([self.schedule.sample_timesteps(1, generator=g, device="cpu") for g in generators])
+            noise = torch.cat([sample_offset_noise(z0[i : i + 1], self.hparams.offset_noise, g)
+                               for i, g in enumerate(generators)])
+        return diffusion_loss(
+            lambda x_t, tt: self.unet(x_t, tt, context, mask),
             z0,
             self.schedule,
             prediction_type=self.prediction_type,
             min_snr_gamma=self.hparams.min_snr_gamma,
             offset_noise=self.hparams.offset_noise,
+            t=t,
+            noise=noise,
+            reduction=reduction,
         )
-        if not torch.isfinite(loss):
-            message = f"non-finite loss {loss.item()} at step {self.global_step} (batch keys: {batch.get('key', [])[:4]})"
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss, stats = self.training_loss(batch)
+        # Decided on all ranks together: a rank that skipped (or stopped) alone would leave the others waiting
+        # in the gradient all-reduce.
+        nonfinite_ranks = int(self._sum_over_ranks((~torch.isfinite(loss.detach())).float()).item())
+        if nonfinite_ranks:
+            where = (f"loss {loss.item()}" if not torch.isfinite(loss) else "loss on another rank") + \
+                f" at step {self.global_step} (batch keys: {list(batch.get('key', []))[:4]})"
+            message = f"non-finite {where}"
             if self.hparams.nonfinite_loss == "raise":
                 raise FloatingPointError(message + "; set model.nonfinite_loss=skip to drop such batches instead")
             self.skipped_nonfinite += 1
-            log.warning("%s: update skipped (%d so far)", message, self.skipped_nonfinite)
-            return None  # Lightning skips backward and the optimizer step
-        b = z0.shape[0]
+            log.warning("%s: update skipped on every rank (%d so far)", message, self.skipped_nonfinite)
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=1)
+            # Backward still runs on every rank (Lightning refuses a None loss in distributed training, and DDP
+            # and FSDP expect every rank's gradients); optimizer_step then drops the gradients unused.
+            self._skip_update = True
+            return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+        b = stats["mse"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/mse", stats["mse"].mean(), batch_size=b)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        z0 = self.encode_images(batch["image"])
-        context, mask = self.condition(batch["caption"])
+        z0 = self.batch_latents(batch)
+        context, mask = self.batch_context(batch)
         # A fixed generator: the validation loss compares checkpoints on the same t and noise.
         g = torch.Generator(device="cpu").manual_seed(batch_idx)
         t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), generator=g).to(self.device)
@@ -207,9 +437,10 @@ class DiffusionModule(L.LightningModule):
     # -- optimisation -----------------------------------------------------------------------------------------
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        params = list(self.unet.parameters())
+        # requires_grad tells: with LoRA only the adapters of the U-Net (and text encoder) have it.
+        params = [p for p in self.unet.parameters() if p.requires_grad]
         if not self.conditioner_frozen:
-            params += list(self.conditioner.parameters())
+            params += [p for p in self.conditioner.parameters() if p.requires_grad]
         return params
 
     def configure_optimizers(self):
@@ -221,17 +452,59 @@ class DiffusionModule(L.LightningModule):
         scheduler = build_lr_scheduler(optimizer, total_steps=total, **config)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        def closure():
+            result = optimizer_closure()  # training_step and backward
+            if self._skip_update:
+                self._skip_update = False
+                # Parameters without a gradient are left alone by torch's optimizers: no step, no momentum, no
+                # weight decay. Every rank does this together (the decision was summed over ranks).
+                for p in self.trainable_parameters():
+                    p.grad = None
+            return result
+
+        optimizer.step(closure=closure)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        fsdp = self._fsdp_root()
+        if fsdp is None or not gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"trainer=fsdp clips gradients by norm only, got {gradient_clip_algorithm!r}")
+        # The norm over all shards: torch.nn.utils.clip_grad_norm_ would see this rank's shard only.
+        fsdp.clip_grad_norm_(gradient_clip_val)
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
+        squares = [p.grad.detach().float().pow(2).sum() for p in self.trainable_parameters() if p.grad is not None]
+        if squares:
+            total = torch.stack(squares).sum()
+            if self._fsdp_root() is not None:  # each rank holds a shard of the gradients
+                total = self._sum_over_ranks(total)
+            self.log("train/grad_norm", total.sqrt(), batch_size=1)
+
+    def on_train_start(self) -> None:
+        # EMA updates follow optimizer steps: the first is due when global_step first moves on from here.
+        self._ema_step = self.global_step
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        states = getattr(self, "_resumed_rng_states", None)
+        if states:
+            self._resumed_rng_states = None
+            if len(states) != self.trainer.world_size:
+                log.warning("the checkpoint holds RNG states of %d ranks, this run has %d: ranks reuse them",
+                            len(states), self.trainer.world_size)
+            set_rng_state(states[self.global_rank % len(states)])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1, prog_bar=True)
         # global_step counts optimizer steps: with gradient accumulation it does not move every batch.
         if self.ema is not None and self.global_step != self._ema_step:
             self._ema_step = self.global_step
-            self.ema.update(self.unet, self.global_step)
+            fsdp = self._fsdp_root()
+            # Under FSDP the U-Net holds shards between steps: gather the full weights (all ranks) to average.
+            with FullyShardedDataParallel.summon_full_params(fsdp, writeback=False) if fsdp else nullcontext():
+                self.ema.update(self.unet, self.global_step)
 
     # -- inference --------------------------------------------------------------------------------------------
 

@@ -8,6 +8,16 @@ import torch
 from torch import nn
 
 
+# Wrappers that FSDP and activation checkpointing put around submodules add these to parameter names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 class EMA(nn.Module):
     """θ_ema ← d·θ_ema + (1 − d)·θ, applied every ``update_every`` optimizer steps from ``start_step`` on.
 
@@ -45,9 +55,10 @@ class EMA(nn.Module):
         d = 0.0 if int(self.num_updates) == 0 else self.current_decay()
         ema_params = dict(self.model.named_parameters())
         for name, p in model.named_parameters():
-            ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - d)
+            ema = ema_params[clean_name(name)]
+            ema.lerp_(p.detach().to(ema.dtype), 1.0 - d)
         ema_buffers = dict(self.model.named_buffers())
         for name, b in model.named_buffers():
-            ema_buffers[name].copy_(b)
+            ema_buffers[clean_name(name)].copy_(b)
         self.num_updates += 1
         return True
