@@ -274,14 +274,12 @@ def test_inductor_compiled_unet_resumes(ae, tmp_path):
 # -- resuming -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: on the first step after resume the logged learning rate is 0 "
-                   "instead of the scheduled value (losses and RNG draws already match)")
 def test_resume_restores_rng_so_the_next_steps_draw_the_same(ae, tmp_path):
     def run(max_steps, ckpt_path=None, seed=0):
         record = Record()
         trainer = T.trainer(tmp_path, max_steps=max_steps, callbacks=[record], plugins=[AtomicCheckpointIO()])
         L.seed_everything(seed, verbose=False)  # torch, numpy and Python (caption dropout) alike
-        # a cosine schedule over max_steps: steps 1-2 are the same for 2 and 4 steps (warm-up, then 1.0)
+        # a cosine schedule over max_steps (estimated_stepping_batches): the resumed run must restore its position
         module = T.module(ae, ucg_rate=0.5, lr_schedule={"kind": "cosine", "warmup_steps": 1})
         trainer.fit(module, T.Data(), ckpt_path=ckpt_path)
         return trainer, [(r["loss"], r["lr"]) for r in record.rows]
@@ -289,7 +287,7 @@ def test_resume_restores_rng_so_the_next_steps_draw_the_same(ae, tmp_path):
     full, continuous = run(4)
     trainer, first = run(2)
     trainer.save_checkpoint(tmp_path / "two.ckpt")
-    assert first == continuous[:2]
+    assert [loss for loss, _ in first] == [loss for loss, _ in continuous[:2]]  # (its LR schedule ends at step 2)
     ckpt = torch.load(tmp_path / "two.ckpt", weights_only=True)
     assert len(ckpt["rng_states"]) == 1 and set(ckpt["rng_states"][0]) >= {"torch", "numpy", "python"}
     after, resumed = run(4, tmp_path / "two.ckpt")

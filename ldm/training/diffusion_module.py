@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.diffusion.objectives import diffusion_loss, normalize_prediction_type, sample_offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
@@ -486,6 +487,14 @@ class DiffusionModule(L.LightningModule):
     def on_train_start(self) -> None:
         # EMA updates follow optimizer steps: the first is due when global_step first moves on from here.
         self._ema_step = self.global_step
+        # A resumed optimizer brings back the learning rate the old schedule had set. This run's schedule (whose
+        # length follows trainer.max_steps, which a resumed run may change) decides it for the restored step.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, LambdaLR):
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                               scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         states = getattr(self, "_resumed_rng_states", None)
