@@ -105,12 +105,12 @@ def sample(cfg: DictConfig) -> list[Path]:
         # Merged: the same images as the unmerged adapter, without its cost at every step.
         pipe.apply_lora(cfg.lora, scale=cfg.lora_scale, merge=True)
         log.info("LoRA adapter %s applied (scale %g)", cfg.lora, cfg.lora_scale)
-    # Prompts beyond the conditioner's max_chunks are cut with a warning that quotes the dropped text.
-    result = pipe.generate(prompts, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, **generate_options(cfg))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.attention_maps or cfg.edit or cfg.attend_excite.tokens:
         return sample_with_attention_tools(cfg, pipe, prompts, out)
+    # Prompts beyond the conditioner's max_chunks are cut with a warning that quotes the dropped text.
+    result = pipe.generate(prompts, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, **generate_options(cfg))
     paths = []
     with open(out / "metadata.jsonl", "w") as meta:
         for i, (image, prompt, seed) in enumerate(zip(result.pil(), result.prompts, result.seeds)):

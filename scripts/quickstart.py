@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the grid and evaluation helpers import ldm, installed or not
 
 
 def step(title: str, *args: str) -> None:
@@ -30,20 +31,35 @@ def step(title: str, *args: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quickstart")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="reuse the checkpoints already in OUT: only sample and evaluate")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to both training stages")
     args = parser.parse_args()
     out = args.out.resolve()
     started = time.time()
 
+    if not args.skip_training:
+        train_both_stages(out, args.overrides)
+    sample_and_evaluate(out)
+    print(f"\nquick start finished in {time.time() - started:.0f} s; grid: {out}/samples/captions_grid.png")
+
+
+def train_both_stages(out: Path, overrides: list[str]) -> None:
     step("stage 1: autoencoder", "train.py", "experiment=emoji_autoencoder", f"hydra.run.dir={out}/autoencoder",
-         *args.overrides)
+         *overrides)
     step("stage 2: text-to-image latent diffusion", "train.py", "experiment=emoji_ldm",
          f"autoencoder.ckpt_path={out}/autoencoder/checkpoints/last.ckpt", f"hydra.run.dir={out}/ldm",
-         *args.overrides)
+         *overrides)
 
+
+def sample_and_evaluate(out: Path) -> None:
     # The data the runs used, for the evaluation (the shard folders come from the resolved config).
     from omegaconf import OmegaConf
 
+    # The saved config keeps Hydra's own interpolations (${hydra:runtime.cwd}); outside Hydra they resolve to
+    # what they were during the run.
+    runtime = {"runtime.cwd": str(ROOT), "runtime.output_dir": str(out / "ldm")}
+    OmegaConf.register_new_resolver("hydra", lambda key: runtime[key], replace=True)
     cfg = OmegaConf.load(out / "ldm" / ".hydra" / "config.yaml")
     (out / "data.json").write_text(json.dumps({"train_shards": cfg.data.train_shards, "val_shards": cfg.data.val_shards}))
 
@@ -56,11 +72,21 @@ def main() -> None:
 
     from ldm.training.images import labelled_grid
 
+    from ldm.data.shards import ShardDataset
+    from ldm.training.images import to_pil
+
+    # Each row of samples above the training emoji of the same captions, upscaled (nearest) to be seen.
     images = [Image.open(out / "samples" / f"{i:04d}.png") for i in range(len(prompts))]
-    labelled_grid(images, prompts, ncol=min(8, len(prompts))).save(out / "samples" / "captions_grid.png")
+    training = {s["caption"]: s["image"] for s in ShardDataset(cfg.data.train_shards, resolution=cfg.data.resolution,
+                                                                shuffle=False, resampled=False)}
+    cells, labels, ncol = [], [], min(8, len(prompts))
+    for start in range(0, len(prompts), ncol):
+        row = prompts[start:start + ncol]
+        cells += images[start:start + ncol] + [to_pil(training[p][None])[0] for p in row]
+        labels += row + ["(training image)"] * len(row)
+    labelled_grid(cells, labels, ncol=ncol, cell=96).save(out / "samples" / "captions_grid.png")
 
     step("evaluation", "scripts/evaluate_emoji.py", "--run", str(out))
-    print(f"\nquick start finished in {time.time() - started:.0f} s; grid: {out}/samples/captions_grid.png")
 
 
 if __name__ == "__main__":
