@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--full-steps", type=int, default=400)
     parser.add_argument("--full-lr", type=float, default=1e-4)
     parser.add_argument("--lora-steps", type=int, default=400)
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-class-images", type=int, default=200)
