@@ -26,7 +26,7 @@ def plan(quick: bool, device: str) -> list[list[str]]:
     runs = [
         ["flops.py"],
         ["unet_train.py", "--config", "emoji", "--fused-adamw"],
-        ["unet_train.py", "--config", "emoji", "--mask"],
+        ["unet_train.py", "--config", "emoji", "--mask", "--fused-adamw"],
         ["unet_sample.py", "--config", "emoji"],
         ["unet_sample.py", "--config", "emoji", "--mask"],
         ["vae.py", "--config", "emoji"],

@@ -168,6 +168,17 @@ def main() -> None:
         return
 
     print_header(f"U-Net training step: {label}, {args.dtype}, {args.device}", args)
+    # Peak memory first, each implementation alone in a fresh process while this one holds no model: an SD1
+    # U-Net with its gradients and AdamW state takes 14 GB, and two of those do not fit a 24 GB machine.
+    memory = {}
+    if not args.no_memory:
+        child = [a for a in sys.argv[1:] if a != "--no-memory"]
+        names = ["ours", "diffusers"] + (["ours + fused AdamW"] if args.fused_adamw else [])
+        for name in names:
+            env = MEMORY_ENV if args.device == "cpu" else {}
+            which = {"ours + fused AdamW": "ours-fused"}.get(name, name)
+            memory[name] = run_child(Path(__file__), [*child, "--memory-child", which], env=env)
+
     ours, kwargs = build_unet(args.config, args.device)
     apply_options(ours, args)
     theirs = diffusers_unet_sharing(ours, kwargs)
@@ -188,8 +199,9 @@ def main() -> None:
     for name, call in calls.items():
         steps[name], optimizer = make_step(call, params, target, args, optimizer)
     if args.fused_adamw:
-        # Our training config can ask for torch's fused AdamW (+model.optimizer.fused=true): one kernel per
-        # parameter instead of about ten passes over weights, gradients and moments.
+        # Our training configs use torch's fused AdamW (model.optimizer.fused, the default): one kernel per
+        # parameter instead of about ten passes over weights, gradients and moments. diffusers' training
+        # scripts build torch.optim.AdamW with its defaults, which the plain rows use for both.
         steps["ours + fused AdamW"], _ = make_step(calls["ours"], params, target, args, optimizer, fused_adamw=True)
     if args.compile:
         for name, step in steps.items():
@@ -197,21 +209,14 @@ def main() -> None:
             step()  # the first call compiles forward and backward
             compile_s[name] = time.perf_counter() - start
     times = time_alternately(steps, args.repeats, args.warmup, args.device)
-
-    memory = {}
-    if not args.no_memory:
-        child = [a for a in sys.argv[1:] if a != "--no-memory"]
-        for name in steps:
-            env = MEMORY_ENV if args.device == "cpu" else {}
-            which = {"ours + fused AdamW": "ours-fused"}.get(name, name)
-            memory[name] = run_child(Path(__file__), [*child, "--memory-child", which], env=env)
+    n_params = count_parameters(ours)
 
     flops = train_step_flops(kwargs, args.latent, args.batch, CONTEXT_LEN)
     peak = args.peak_tflops or (PEAK_TFLOPS_DEFAULT if args.device == "cuda" else None)
     rows = []
-    for name in steps:
+    for name in times:
         s = summary(times[name])
-        row = [name, f"{count_parameters(ours):,}", spread(times[name]), fmt(args.batch / s["median"]),
+        row = [name, f"{n_params:,}", spread(times[name]), fmt(args.batch / s["median"]),
                fmt(flops / s["median"] / 1e12, 3)]
         if peak:
             row.append(f"{flops / s['median'] / (peak * 1e12):.1%}")

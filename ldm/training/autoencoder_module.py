@@ -39,6 +39,7 @@ class AutoencoderModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
+        fused_optimizer: bool = True,
         log_images_every_n_steps: int = 500,
         num_log_images: int = 8,
     ):
@@ -46,6 +47,7 @@ class AutoencoderModule(L.LightningModule):
         autoencoder: AutoencoderKL arguments (ch, ch_mult, num_res_blocks, z_channels, ...).
         loss: AutoencoderLoss arguments (rec_loss, kl_weight, disc_enabled, disc_start, ...).
         disc_lr: the discriminator's learning rate (default: lr).
+        fused_optimizer: torch's fused AdamW kernel (the same update to float rounding, fewer memory passes).
 
         The autoencoder and the discriminator are two parameter groups of one optimizer and take a step on
         every batch. Their gradients stay apart: the discriminator is frozen while the generator's GAN term
@@ -124,7 +126,8 @@ class AutoencoderModule(L.LightningModule):
         groups = [{"params": list(self.autoencoder.parameters()), "lr": hp.lr}]
         if self.loss.discriminator is not None:
             groups.append({"params": list(self.loss.discriminator.parameters()), "lr": hp.disc_lr or hp.lr})
-        optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                                      fused=hp.get("fused_optimizer", True) or None)
         total = self.trainer.estimated_stepping_batches if self.trainer is not None else None
         total = None if total is None or math.isinf(total) else int(total)
         scheduler = build_lr_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, total)
