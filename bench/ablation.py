@@ -83,7 +83,8 @@ PREVIOUS = dict(fuse=False, trim=False, geglu=False, tokens=False)
 # -- training -------------------------------------------------------------------------------------------------
 
 
-def train_step(model, ins, args, channels_last=False, fused_adamw=False, dtype=None, sdpa_math=False):
+def train_step(model, ins, args, channels_last=False, fused_adamw=False, dtype=None, sdpa_math=False,
+               flush_denormal=False, mkldnn=True):
     x, t, context, mask, target = ins
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -94,11 +95,17 @@ def train_step(model, ins, args, channels_last=False, fused_adamw=False, dtype=N
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         kernels = [SDPBackend.MATH] if sdpa_math else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-        with cast, sdpa_kernel(kernels):
-            loss = F.mse_loss(model(x, t, context, mask).float(), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # Global torch.backends flags, set for this variant's step only (the variants take turns).
+        torch.set_flush_denormal(flush_denormal)
+        try:
+            with torch.backends.mkldnn.flags(enabled=mkldnn):
+                with cast, sdpa_kernel(kernels):
+                    loss = F.mse_loss(model(x, t, context, mask).float(), target)
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            torch.set_flush_denormal(False)
 
     return step
 
@@ -117,11 +124,14 @@ def training_specs(quick: bool) -> dict[str, tuple[dict, dict, bool]]:
         "+ channels_last input": (dict(), dict(channels_last=True), True),
         "+ fused AdamW": (dict(), dict(fused_adamw=True), True),
         "+ bf16 autocast": (dict(), dict(dtype=torch.bfloat16), True),
+        "+ flush denormals": (dict(), dict(flush_denormal=True), True),
+        "torch.backends.mkldnn off": (dict(), dict(mkldnn=False), True),
         "default, no mask": (dict(), dict(), False),
         "previous, no mask": (PREVIOUS, dict(), False),
     }
     if quick:
-        for name in ("attention: math backend", "sdpa: torch math kernel", "strided tokens", "+ bf16 autocast"):
+        for name in ("attention: math backend", "sdpa: torch math kernel", "strided tokens", "+ bf16 autocast",
+                     "+ flush denormals", "torch.backends.mkldnn off"):
             specs.pop(name)
     return specs
 
