@@ -14,6 +14,7 @@ same noise; the final latents are compared so that a fast wrong answer cannot pa
 
 from __future__ import annotations
 
+import copy
 import random
 
 import torch
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--mask", action="store_true", help="padding masks of real caption lengths")
     parser.add_argument("--backend", default=None, choices=("sdpa", "math", "xformers"))
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also ours with channels_last weights and latents, as sample.py runs it")
     args = parser.parse_args()
     args.batch = args.batch or SIZES[args.config]["batch"]
     args.latent = args.latent or SIZES[args.config]["latent"]
@@ -102,9 +105,15 @@ def main() -> None:
     ours.eval(), theirs.eval()
     ins = inputs(kwargs, args.batch, args.latent, args.device, args.mask)
     runs = {"ours": ours_sampler(ours, *ins, args.steps, args), "diffusers": diffusers_sampler(theirs, *ins, args.steps, args)}
+    if args.channels_last:
+        # A copy: diffusers' model shares our parameter tensors, and must keep its own (default) layout.
+        nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+        nhwc_ins = (ins[0].contiguous(memory_format=torch.channels_last), *ins[1:])
+        runs["ours + channels_last"] = ours_sampler(nhwc, *nhwc_ins, args.steps, args)
 
     outputs = {name: run() for name, run in runs.items()}
-    diff = (outputs["ours"].float() - outputs["diffusers"].float()).abs().max().item()
+    diff = max((outputs[name].float() - outputs["diffusers"].float()).abs().max().item()
+               for name in outputs if name != "diffusers")
     scale = outputs["diffusers"].float().abs().max().item()
     times = time_alternately(runs, args.repeats, warmup=max(0, args.warmup - 1), device=args.device)
 
@@ -118,12 +127,20 @@ def main() -> None:
     print_table(["impl", "loop s (median [min–max])", "images/s", "ms per step"], rows)
     ratio = paired_ratio(times["ours"], times["diffusers"])
     print(f"speed ours/diffusers (paired): {ratio['median']:.3f} [{ratio['min']:.3f}–{ratio['max']:.3f}]")
+    if args.channels_last:
+        nhwc_ratio = paired_ratio(times["ours + channels_last"], times["diffusers"])
+        print(f"speed ours with channels_last/diffusers (paired): {nhwc_ratio['median']:.3f} "
+              f"[{nhwc_ratio['min']:.3f}–{nhwc_ratio['max']:.3f}]")
     if diff > 1e-3 * max(scale, 1.0) and args.dtype == "fp32":
         raise SystemExit(f"ours and diffusers disagree: max |Δ| = {diff:.3e}")
     result(f"sample_{label}_ours_images_per_s", args.batch / summary(times["ours"])["median"])
     result(f"sample_{label}_diffusers_images_per_s", args.batch / summary(times["diffusers"])["median"])
     result(f"sample_{label}_speed_ratio", ratio["median"])
     result(f"sample_{label}_max_abs_diff", diff)
+    if args.channels_last:
+        result(f"sample_{label}_ours_channels_last_images_per_s",
+               args.batch / summary(times["ours + channels_last"])["median"])
+        result(f"sample_{label}_speed_ratio_channels_last", nhwc_ratio["median"])
 
 
 if __name__ == "__main__":

@@ -141,3 +141,20 @@ def test_channels_last_input_gives_the_same_output(use_linear):
         expected = model(x, t, context, mask)
         out = model(x.contiguous(memory_format=torch.channels_last), t, context, mask)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_weights_give_the_same_output_and_gradients():
+    """sample.py's channels_last=true: NHWC weights (and the activations they produce) are a layout change only."""
+    plain, nhwc = _pair()
+    nhwc.to(memory_format=torch.channels_last)
+    conv = nhwc.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x, t, context, mask = _inputs()
+    outs = []
+    for model in (plain, nhwc):
+        out = model(x, t, context, mask)
+        out.square().mean().backward()
+        outs.append(out)
+    assert outs[1].is_contiguous(memory_format=torch.channels_last)  # the layout really carried through
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_grads(plain), _grads(nhwc), atol=1e-5, rtol=1e-4)
