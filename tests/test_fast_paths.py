@@ -45,15 +45,21 @@ def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def test_fused_projections_match_separate_layers():
-    fused, separate = _pair(fuse_attention_projections=False)
-    assert fused.attention_layers()[0].fuse_projections and not separate.attention_layers()[0].fuse_projections
+def _forward_backward(*models):
+    """Each model's output on the same inputs, after a backward pass that fills its gradients."""
     x, t, context, mask = _inputs()
     outs = []
-    for model in (fused, separate):
+    for model in models:
         out = model(x, t, context, mask)
         out.square().mean().backward()
         outs.append(out)
+    return outs
+
+
+def test_fused_projections_match_separate_layers():
+    fused, separate = _pair(fuse_attention_projections=False)
+    assert fused.attention_layers()[0].fuse_projections and not separate.attention_layers()[0].fuse_projections
+    outs = _forward_backward(fused, separate)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_grads(fused), _grads(separate), atol=1e-5, rtol=1e-4)
     # the checkpoint keys stay those of separate projections
@@ -149,12 +155,7 @@ def test_channels_last_weights_give_the_same_output_and_gradients():
     nhwc.to(memory_format=torch.channels_last)
     conv = nhwc.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    x, t, context, mask = _inputs()
-    outs = []
-    for model in (plain, nhwc):
-        out = model(x, t, context, mask)
-        out.square().mean().backward()
-        outs.append(out)
+    outs = _forward_backward(plain, nhwc)
     assert outs[1].is_contiguous(memory_format=torch.channels_last)  # the layout really carried through
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_grads(plain), _grads(nhwc), atol=1e-5, rtol=1e-4)
