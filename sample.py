@@ -105,7 +105,7 @@ def sample(cfg: DictConfig) -> list[Path]:
         # Merged: the same images as the unmerged adapter, without its cost at every step.
         pipe.apply_lora(cfg.lora, scale=cfg.lora_scale, merge=True)
         log.info("LoRA adapter %s applied (scale %g)", cfg.lora, cfg.lora_scale)
-    if cfg.get("channels_last", False):
+    if cfg.channels_last:
         # NHWC weights: the convolutions skip their layout reorders and the transformers' token view is free
         # (3-4 % faster sampling on a CPU, BENCHMARKS.md); the same images to float rounding.
         pipe.unet.to(memory_format=torch.channels_last)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from common import (MEMORY_ENV, PeakMemory, autocast, base_parser, build_unet, cpu_has_bf16, fmt, mib,
                     print_header, print_table, result, run_child, setup, summary, time_alternately)
+from unet_sample import channels_last_copy, ours_sampler
 from unet_sample import inputs as sample_inputs
-from unet_sample import ours_sampler
 from unet_train import make_inputs
 
 BATCH, LATENT, SAMPLE_BATCH = 64, 8, 16
@@ -191,10 +191,9 @@ def sampling_ablation(args, base):
     runs["no cache, no trim"] = _without_cache(bare, bare_run)
     runs["previous hot path"] = _without_cache(previous, previous_run)
     if not args.quick:
-        # Weights and latents in channels_last (NHWC) memory: oneDNN's convolutions then skip their layout
-        # reorders. Not a default; measured so the choice is on record.
-        nhwc = variant(base).eval().to(memory_format=torch.channels_last)
-        nhwc_ins = (ins[0].contiguous(memory_format=torch.channels_last), *ins[1:])
+        # Weights and latents in channels_last (NHWC) memory, as sample.py runs it: oneDNN's convolutions then
+        # skip their layout reorders.
+        nhwc, nhwc_ins = channels_last_copy(variant(base).eval(), ins)
         runs["+ channels_last weights and latents"] = ours_sampler(nhwc, *nhwc_ins, 50, args)
     return time_alternately(runs, max(2, args.repeats - 2), 1)
 

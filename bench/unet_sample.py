@@ -41,6 +41,13 @@ def inputs(kwargs, batch, latent, device, mask):
     return x_T, cond, uncond, cond_mask, uncond_mask
 
 
+def channels_last_copy(unet, ins):
+    """A copy of the U-Net with channels_last (NHWC) weights, and the inputs with NHWC latents, as sample.py
+    runs it (channels_last=true). A copy: diffusers' model shares our parameter tensors and keeps its layout."""
+    return (copy.deepcopy(unet).to(memory_format=torch.channels_last),
+            (ins[0].contiguous(memory_format=torch.channels_last), *ins[1:]))
+
+
 def ours_sampler(unet, x_T, cond, uncond, cond_mask, uncond_mask, steps, args):
     from ldm.diffusion.guidance import cfg_model_fn
     from ldm.diffusion.samplers import sample_ddim
@@ -106,9 +113,7 @@ def main() -> None:
     ins = inputs(kwargs, args.batch, args.latent, args.device, args.mask)
     runs = {"ours": ours_sampler(ours, *ins, args.steps, args), "diffusers": diffusers_sampler(theirs, *ins, args.steps, args)}
     if args.channels_last:
-        # A copy: diffusers' model shares our parameter tensors, and must keep its own (default) layout.
-        nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-        nhwc_ins = (ins[0].contiguous(memory_format=torch.channels_last), *ins[1:])
+        nhwc, nhwc_ins = channels_last_copy(ours, ins)
         runs["ours + channels_last"] = ours_sampler(nhwc, *nhwc_ins, args.steps, args)
 
     outputs = {name: run() for name, run in runs.items()}
