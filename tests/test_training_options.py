@@ -5,6 +5,7 @@ gradient accumulation), torch.compile, and resuming (RNG states, atomic and safe
 from __future__ import annotations
 
 import pickle
+import types
 
 import lightning as L
 import pytest
@@ -78,6 +79,19 @@ def test_bad_precision_names_are_one_line_errors(ae):
         T.module(ae, autoencoder_precision="half")
     with pytest.raises(ValueError, match="noise_seeding must be one of"):
         T.module(ae, noise_seeding="random")
+
+
+
+def test_an_optimizer_without_the_default_arguments_is_a_one_line_error(ae):
+    # configs/model/ldm.yaml sets AdamW's fused=true; RMSprop has no such argument.
+    module = T.module(ae, optimizer={"_target_": "torch.optim.RMSprop", "_partial_": True, "lr": 1e-3, "fused": True})
+    module.trainer = types.SimpleNamespace(estimated_stepping_batches=10)
+    with pytest.raises(ValueError, match=r"model.optimizer: torch.optim.RMSprop .*'fused'.*~model.optimizer.fused"):
+        module.configure_optimizers()
+    # without it the same optimizer builds
+    module = T.module(ae, optimizer={"_target_": "torch.optim.RMSprop", "_partial_": True, "lr": 1e-3})
+    module.trainer = types.SimpleNamespace(estimated_stepping_batches=10)
+    assert isinstance(module.configure_optimizers()["optimizer"], torch.optim.RMSprop)
 
 
 # -- non-finite losses and weights ----------------------------------------------------------------------------

@@ -446,7 +446,12 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         config = self.hparams.optimizer or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4}
-        optimizer = hydra.utils.instantiate(config)(self.trainable_parameters())
+        try:
+            optimizer = hydra.utils.instantiate(config)(self.trainable_parameters())
+        except TypeError as e:
+            # The defaults (fused, betas, eps) are AdamW's: an optimizer swapped in by _target_ may not take them.
+            raise ValueError(f"model.optimizer: {config.get('_target_')} does not accept these arguments ({e}); "
+                             "remove the ones it does not take, e.g. ~model.optimizer.fused") from e
         config = dict(self.hparams.lr_schedule or {})
         total = self.trainer.estimated_stepping_batches if self.trainer is not None else None
         total = None if total is None or math.isinf(total) else int(total)
