@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,6 +16,8 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.cli_errors import friendly_errors
+from ldm.cli_overrides import quote_brace_patterns
+from ldm.config_checks import check_generation_options
 
 log = logging.getLogger("sample")
 
@@ -60,14 +63,14 @@ def sample_with_attention_tools(cfg: DictConfig, pipe, prompts: list[str], out: 
         seed = cfg.seed + i
         record: dict = {"prompt": prompt, "seed": seed}
         if cfg.edit:
-            if not cfg.target_prompt:
-                raise ValueError("edit=... needs target_prompt=\"...\" (the edited prompt)")
+            if not cfg.target_prompt and cfg.edit != "reweight":
+                raise ValueError(f"edit={cfg.edit} needs target_prompt=\"...\" (the edited prompt)")
             result = prompt_to_prompt(
-                pipe, prompt, cfg.target_prompt, edit=cfg.edit, cross_replace_steps=cfg.cross_replace_steps,
+                pipe, prompt, cfg.target_prompt or None, edit=cfg.edit, cross_replace_steps=cfg.cross_replace_steps,
                 self_replace_steps=cfg.self_replace_steps, edit_words=list(cfg.edit_words) or None,
                 edit_weight=cfg.edit_weight, blend_words=list(cfg.blend_words) or None, seed=seed, **options)
             paths.append(save_edit_figure(out, i, result))
-            record.update(target_prompt=cfg.target_prompt, edit=cfg.edit, file=paths[-1].name)
+            record.update(target_prompt=result.prompts[1], edit=cfg.edit, file=paths[-1].name)
         elif cfg.attend_excite.tokens:
             ae = OmegaConf.to_container(cfg.attend_excite, resolve=True)
             tokens = ae.pop("tokens")
@@ -98,6 +101,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     from ldm.training.images import grid_image
 
     prompts = read_prompts(cfg)
+    check_generation_options(cfg.n, cfg.steps, cfg.cfg_scale, cfg.eta, cfg.guidance_rescale, cfg.batch_size)
     device = pick_device(cfg.device)
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema, device=device)
     log.info("loaded %s (%s weights) on %s", cfg.ckpt, "EMA" if cfg.use_ema else "raw", device)
@@ -136,4 +140,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_brace_patterns(sys.argv)
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from ldm.cli_errors import friendly_errors
+from ldm.cli_overrides import quote_brace_patterns
+from ldm.config_checks import check_image_size, check_train_config
 from ldm.config_resolvers import register_resolvers
 
 log = logging.getLogger("train")
@@ -73,6 +76,16 @@ def load_init(cfg: DictConfig):
     return init
 
 
+def check_data_sizes(datamodule, model) -> None:
+    """Image sizes the model can take, checked before the first step fails on a latent-size mismatch."""
+    if getattr(datamodule, "resolution", None) is not None:
+        check_image_size(int(datamodule.resolution), model, "data.resolution")
+    buckets = getattr(datamodule, "buckets", None)
+    for height, width in getattr(buckets, "sizes", None) or []:
+        for side in (height, width):
+            check_image_size(int(side), model, f"data.buckets ({height}×{width})")
+
+
 def train(cfg: DictConfig) -> dict:
     # Required top-level values (e.g. DreamBooth's init_from, instance_data, instance_prompt), all named at once.
     top_level = [f"{k} (set {k}=...)" for k in cfg if OmegaConf.is_missing(cfg, k)]
@@ -84,14 +97,23 @@ def train(cfg: DictConfig) -> dict:
     missing = missing_values(cfg, ("data", "model", "callbacks", "logger", "trainer"))
     if missing:
         raise ValueError("missing required value(s): " + "; ".join(missing))
+    check_train_config(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
+    init = load_init(cfg)
+    if init is not None and "resolution" in cfg.data and cfg.data.resolution is None:
+        # DreamBooth's default: the resolution the base model was trained at (512 for SD, 32 for the emoji model).
+        if init.resolution is None:
+            raise ValueError(f"init_from {cfg.init_from} does not say what resolution it was trained at: "
+                             "set data.resolution=...")
+        cfg.data.resolution = int(init.resolution)
+        log.info("data.resolution = %d, the resolution %s was trained at", init.resolution, cfg.init_from)
     OmegaConf.resolve(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
-    init = load_init(cfg)
     log.info("Instantiating model <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model) if init is None else hydra.utils.instantiate(cfg.model, init=init)
+    check_data_sizes(datamodule, model)
     callbacks = instantiate_group(cfg.get("callbacks"), "callback")
     loggers = instantiate_group(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
@@ -114,4 +136,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_brace_patterns(sys.argv)  # data.train_shards='/data/{00000..01023}.tar' as written
     main()

@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.data.shards import NoUsableDataError
 from ldm.training.checkpoint import CheckpointError
+from ldm.training.divergence import TrainingDivergedError
 
 log = logging.getLogger("ldm")
 
@@ -21,6 +22,7 @@ USER_ERRORS = (
     HydraException,
     CheckpointError,
     NoUsableDataError,
+    TrainingDivergedError,
     FileNotFoundError,
     FloatingPointError,
     ValueError,

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from ldm.config_checks import check_generation_options
 from ldm.diffusion.guidance import cfg_model_fn
 from ldm.diffusion.samplers import SAMPLERS, get_sampler
 from ldm.diffusion.schedule import NoiseSchedule
@@ -101,7 +102,7 @@ class LatentDiffusionPipeline:
         (model_ema.*) where it has one.
         """
         from ldm.convert import ConversionError, convert
-        from ldm.training.init_from import single_file_has_ema
+        from ldm.training.init_from import native_latent_size, single_file_has_ema
 
         path = Path(path).expanduser()
         kind = kind or ("diffusers" if path.is_dir() else "single_file")
@@ -113,19 +114,13 @@ class LatentDiffusionPipeline:
                                   "and the text encoder")
         parts = converted.build()
         conditioner = parts.build_conditioner()
-        latent_size = 64
-        config = path / "unet" / "config.json"
-        if kind == "diffusers" and config.is_file():
-            import json
-
-            latent_size = int(json.loads(config.read_text()).get("sample_size") or latent_size)
         return cls(
             parts.unet.to(device),
             parts.autoencoder.to(device),
             conditioner.to(device),
             NoiseSchedule(**(parts.schedule_config or {})),
             parts.prediction_type or "eps",
-            image_size=latent_size * parts.autoencoder.downsampling_factor,
+            image_size=native_latent_size(path, kind) * parts.autoencoder.downsampling_factor,
         )
 
     # -- adapters ---------------------------------------------------------------------------------------------
@@ -220,7 +215,9 @@ class LatentDiffusionPipeline:
         steps = int(self._option(steps, "steps", 50))
         sampler_name = self._option(sampler, "sampler", "ddim")
         eta = float(self._option(eta, "eta", 0.0))
-        cfg_scale = float(self._option(cfg_scale, "cfg_scale", 7.5))
+        cfg_scale = self._option(cfg_scale, "cfg_scale", 7.5)
+        check_generation_options(n, steps, cfg_scale, eta, guidance_rescale, batch_size)
+        cfg_scale = float(cfg_scale)
         size = int(image_size or self.image_size)
         f = self.autoencoder.downsampling_factor
         if size % (f * self.unet.downsampling_factor):

@@ -78,3 +78,42 @@ class PoisonBatch(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             batch["image"][0] = float("nan")
+
+
+class StepFile(L.Callback):
+    """Writes the optimizer step reached to OUT after every batch: a test that kills the run knows where it was."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.out.write_text(str(trainer.global_step))
+
+
+class LearningRateSpike(L.Callback):
+    """Multiplies every learning rate by ``factor`` from optimizer step ``step`` on: a run that trains sanely, then
+    diverges (as one does when a schedule or a data change goes wrong mid-run)."""
+
+    def __init__(self, step: int = 4, factor: float = 1e9):
+        self.step = step
+        self.factor = factor
+        self.done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and not self.done:
+            self.done = True
+            for config in trainer.lr_scheduler_configs:
+                config.scheduler.base_lrs = [lr * self.factor for lr in config.scheduler.base_lrs]
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] *= self.factor
+
+
+class PaddedSave(L.Callback):
+    """Adds a padding tensor of ``megabytes`` to every checkpoint, so that writing one takes long enough for a test
+    to kill the process in the middle of it."""
+
+    def __init__(self, megabytes: int = 64):
+        self.megabytes = megabytes
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["padding"] = torch.ones(self.megabytes * 2**18)  # float32: 4 bytes each

@@ -222,6 +222,27 @@ def test_pad_to_chunks(encoder):
         encoder.pad_to_chunks(padded, padded_mask, 2)
 
 
+def test_a_cached_encoding_does_not_depend_on_its_batch(weights_path):
+    # A resumed run starts with an empty cache: what it encodes must equal what the interrupted run had cached,
+    # whichever captions first shared a batch with it.
+    batched = FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=weights_path, cache_size=8)
+    alone = FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=weights_path, cache_size=8)
+    prompts = ["a cat", words(100), "a dog", "a photo of a cat on a red sofa"]
+    context, mask = batched(prompts)
+    for i, prompt in enumerate(prompts):
+        single, single_mask = alone([prompt])
+        n = single.shape[1]
+        assert torch.equal(context[i, :n], single[0]) and torch.equal(mask[i, :n], single_mask[0]), prompt
+
+
+def test_truncation_warning_is_one_short_line(encoder, caplog):
+    prompt = words(3000)  # some 20,000 characters
+    with caplog.at_level(logging.WARNING, logger="ldm.conditioning.text"):
+        encoder.tokenize_chunks([prompt])
+    lines = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert lines and all(len(line) < 400 and "\n" not in line for line in lines), [len(x) for x in lines]
+
+
 def test_cache_is_exact_and_bounded(weights_path, encoder):
     cached = FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=weights_path, cache_size=2)
     prompts = ["a cat", words(100), "a dog"]

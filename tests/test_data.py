@@ -255,6 +255,83 @@ def test_nothing_usable_is_an_error(tmp_path) -> None:
     assert stats.skipped["shard_error"] >= 1
 
 
+def _write_partly_bad_shard(path_dir, n: int = 40, bad_every: int = 4) -> tuple[list[str], int]:
+    """One shard of n samples, every bad_every-th of them an undecodable image (a quarter by default)."""
+    good = 0
+    with TarShardWriter(path_dir, prefix="partly", shard_size=n) as writer:
+        for i in range(n):
+            if i % bad_every == 0:
+                writer.write(f"bad{i:03d}", {"jpg": os.urandom(300), "txt": "noise"})
+            else:
+                writer.write(f"good{i:03d}", {"png": _png((i * 6, 100, 200, 255)), "txt": f"square {i}"})
+                good += 1
+    return writer.shards, good
+
+
+@pytest.mark.parametrize("num_workers", [0, 4])
+@pytest.mark.parametrize("seed", range(6))
+def test_resampled_stream_goes_on_through_a_partly_bad_shard(tmp_path, seed: int, num_workers: int) -> None:
+    # The first sample a worker draws may be bad (here: a quarter of them are): that must never end the run.
+    shards, _ = _write_partly_bad_shard(tmp_path)
+    dataset = ShardDataset(shards, resolution=16, resampled=True, epoch_length=64, seed=seed, shuffle_buffer=50)
+    batches = list(ShardLoader(dataset, batch_size=8, num_workers=num_workers, persistent_workers=False))
+    assert sum(len(b["key"]) for b in batches) == 64
+    assert all(key.startswith("good") for b in batches for key in b["key"])
+    assert dataset.stats.skipped["corrupt_image"] > 0
+
+
+def test_truncated_tar_gives_its_samples_in_both_modes(tmp_path) -> None:
+    shards, good = _write_partly_bad_shard(tmp_path, n=12, bad_every=1000)  # 11 good samples, one bad first
+    with tarfile.open(shards[0]) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    data = open(shards[0], "rb").read()
+    cut = tmp_path / "cut-000000.tar"
+    at = members[-6]  # three samples from the end (two files each): cut inside this one's data
+    cut.write_bytes(data[: at.offset_data + at.size // 2])
+    stats = DataStats()
+    plain = [s["key"] for s in ShardDataset(str(cut), resolution=16, stats=stats)]
+    assert 5 <= len(plain) < good and all(k.startswith("good") for k in plain)
+    assert stats.skipped["shard_error"] == 1  # counted once for the one truncated shard
+    resampled = ShardDataset(str(cut), resolution=16, resampled=True, epoch_length=40, shuffle_buffer=30)
+    keys = [s["key"] for s in resampled]
+    assert len(keys) == 40 and set(keys) == set(plain)
+    assert len(names) == 2 * 12
+
+
+def test_nothing_usable_in_a_resampled_stream_is_decided_after_reading_every_shard(tmp_path) -> None:
+    # Two shards: one entirely bad, one with a single good sample at its very end. A rule that gives up after a
+    # run of bad samples (or after every shard produced a skip) would stop; the stream must not.
+    with TarShardWriter(tmp_path, prefix="rare", shard_size=30) as writer:
+        for i in range(59):
+            writer.write(f"bad{i:03d}", {"jpg": os.urandom(300), "txt": "noise"})
+        writer.write("good", {"png": _png(), "txt": "the one good sample"})
+    dataset = ShardDataset(writer.shards, resolution=16, resampled=True, epoch_length=3, shuffle_buffer=1)
+    assert [s["key"] for s in dataset] == ["good"] * 3
+    # Nothing usable at all: it stops, once every shard has been read through.
+    with TarShardWriter(tmp_path / "none", prefix="none", shard_size=30) as writer:
+        for i in range(60):
+            writer.write(f"bad{i:03d}", {"jpg": os.urandom(300), "txt": "noise"})
+    stats = DataStats()
+    with pytest.raises(RuntimeError, match="no usable samples"):
+        list(ShardDataset(writer.shards, resolution=16, resampled=True, epoch_length=3, stats=stats))
+    assert stats.skipped["corrupt_image"] >= 60
+
+
+def test_16_bit_grayscale_png_keeps_its_values() -> None:
+    import numpy as np
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    assert image.mode.startswith("I")
+    tensor = ImageTransform(32)(image)  # (3, 32, 32) in [-1, 1]
+    expected = torch.from_numpy(ramp.astype(np.float64) / 65535 * 2 - 1).float()
+    for channel in tensor:
+        torch.testing.assert_close(channel, expected, atol=2 / 255, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resampled mode
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-
 import tiny_ldm
-from test_train import ROOT, TESTS, run
+import torch
+from cli import ROOT, TESTS, run
 
 EQUIVALENCE = [
     "experiment=emoji_ldm", f"hydra.searchpath=[file://{TESTS / 'configs'}]", "data=fixed", "data.resolution=8",
@@ -33,7 +32,7 @@ EQUIVALENCE = [
     "model.noise_seeding=per_sample", "model.ucg_rate=0.5", "model.ema.decay=0.5",
     "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.1", "~model.optimizer.betas",
     "~model.optimizer.eps", "+model.optimizer.momentum=0.9", "trainer.gradient_clip_val=0.5",
-    "callbacks.sample_images.every_n_steps=0", "+callbacks.sample_images.at_train_end=false",
+    "callbacks.sample_images.every_n_steps=0", "callbacks.sample_images.at_train_end=false",
     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
 ]
 CPU2 = ["trainer.accelerator=cpu", "trainer.devices=2"]

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors import safe_open
-from test_train import ROOT, TINY_DATA, run
+from cli import ROOT, TINY_DATA, run
 from tiny_sd import UNET, write_diffusers_folder, write_single_file
 
 from ldm.cli_errors import friendly_errors

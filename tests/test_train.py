@@ -4,65 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli import ROOT, TINY_DATA, TINY_LDM, run
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-
-# Small enough for seconds per run on a 2-core CPU; the same experiment files users run.
-TINY_DATA = [
-    "data.build.subset=32", "data.build.holdout=4", "data.build.shard_size=8", "data.batch_size=4",
-    "data.epoch_length=8", "data.num_workers=0", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-    "trainer.check_val_every_n_epoch=1",
-]
-TINY_LDM = [
-    "model.unet.model_channels=32", "model.unet.num_heads=2", "model.sampling.steps=3",
-    "callbacks.sample_images.every_n_steps=2", "callbacks.sample_images.steps=2",
-    "callbacks.sample_images.prompts=[red apple,snowman]",
-    # a few large steps, so that the text context visibly changes the samples
-    "model.lr_schedule.warmup_steps=0", "model.optimizer.lr=0.01", "model.ema.decay=0.5",
-]
-
-
-def run(script: str, *overrides: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
-    return proc
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="session")
-def stage1(tmp_path_factory, data_dir) -> Path:
-    out = tmp_path_factory.mktemp("stage1")
-    run("train.py", "experiment=emoji_autoencoder", f"hydra.run.dir={out}", f"paths.data_dir={data_dir}",
-        *TINY_DATA, "trainer.max_steps=3", "model.log_images_every_n_steps=2")
-    return out
-
-
-@pytest.fixture(scope="session")
-def stage2(tmp_path_factory, data_dir, stage1) -> Path:
-    out = tmp_path_factory.mktemp("stage2")
-    run("train.py", "experiment=emoji_ldm", f"hydra.run.dir={out}", f"paths.data_dir={data_dir}",
-        f"autoencoder.ckpt_path={stage1 / 'checkpoints' / 'last.ckpt'}", *TINY_DATA, *TINY_LDM,
-        "trainer.max_steps=4", "logger=wandb")
-    return out
 
 
 def test_stage1_writes_checkpoint_metrics_and_images(stage1):
@@ -274,6 +223,14 @@ def test_sample_cli_attention_tools(stage2, tmp_path):
     record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
     assert record["attend_excite_tokens"] == ["apple", "snowman"] and len(record["losses"]) >= 1
     assert (out / "0000.png").is_file()
+
+
+def test_sample_cli_reweight_needs_no_target_prompt(stage2, tmp_path):
+    out = tmp_path / "reweight"
+    run("sample.py", f"ckpt={stage2 / 'checkpoints' / 'last.ckpt'}", f"out={out}", "steps=2", "progress=false",
+        'prompt="red apple"', "edit=reweight", "edit_words=[apple]", "edit_weight=2")
+    record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+    assert record["target_prompt"] == "red apple" and (out / "edit_0.png").is_file()
 
 
 def test_shards_with_nothing_usable_stop_with_one_clear_error(tmp_path):

@@ -14,8 +14,9 @@ this context token. In a real chunk, BOS, the prompt's tokens and the EOS are Tr
 EOS is False; batch-padding chunks are False throughout. With `use_mask=False` the mask is all True, which
 is what the original SD models saw during training (they attend to the padding too).
 
-The encoder is deterministic and frozen, so encodings can be cached per caption (`cache_size`) without
-changing any result.
+The encoder is deterministic and frozen, so encodings can be cached per caption (`cache_size`). With the cache
+on, each caption is encoded on its own, so a cached encoding is exactly what the encoder gives for it whenever
+asked (batched with other captions it would differ by float rounding, ~1e-6: matrix products of another shape).
 """
 
 from __future__ import annotations
@@ -142,6 +143,15 @@ def _text_tower_state(state: dict[str, torch.Tensor], path: str) -> dict[str, to
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
+def shorten(text: str, width: int = 120) -> str:
+    """``text`` cut in the middle to about ``width`` characters, saying how much was left out: a log line quotes
+    a prompt or caption, never all 10,000 characters of one."""
+    if len(text) <= width:
+        return text
+    half = width // 2
+    return f"{text[:half]} […{len(text) - 2 * half} characters…] {text[-half:]}"
+
+
 class FrozenOpenCLIPTextEncoder(nn.Module):
     """Frozen open_clip text tower mapping prompts to (context (B, 77·n, d), mask (B, 77·n)).
 
@@ -156,8 +166,9 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         max_chunks: the most 75-token chunks per prompt; longer prompts are truncated with a warning.
         pad_token: what fills a chunk after its EOS: "eos" (A1111) or "zero" (open_clip's tokenizer and SD2).
         use_mask: return the real key-padding mask; False returns all True (what the original SD U-Nets saw).
-        cache_size: number of per-caption encodings kept in an LRU cache (0 = off). Exact, because the
-            encoder is frozen; each entry costs 77·n·d·4 bytes on the encoder's device.
+        cache_size: number of per-caption encodings kept in an LRU cache (0 = off). Exact: the encoder is frozen
+            and, with the cache on, encodes each caption on its own (see the module docstring); each entry costs
+            77·n·d·4 bytes on the encoder's device.
     """
 
     # Read by the training module: frozen conditioners get no optimizer entry and stay out of checkpoints.
@@ -273,10 +284,8 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         dropped = ""
         if len(ids) > limit:
             dropped = self.tokenizer.decode(ids[limit:]).strip()
-            logger.warning(
-                "prompt longer than %d tokens (max_chunks=%d) truncated: %r; dropped text: %r",
-                limit, self.max_chunks, prompt, dropped,
-            )
+            logger.warning("prompt of %d tokens truncated to %d (max_chunks=%d): %r; dropped text: %r", len(ids),
+                           limit, self.max_chunks, shorten(prompt), shorten(dropped))
             ids = ids[:limit]
         # The empty prompt is one chunk with no tokens (BOS, EOS, padding).
         chunks = [ids[i:i + self.chunk_capacity] for i in range(0, len(ids), self.chunk_capacity)] or [[]]
@@ -368,7 +377,14 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
                 found[prompt] = self._cache[prompt]
         missing = [p for p in dict.fromkeys(prompts) if p not in found]
         if missing:
-            new = self._encode_unique(missing)
+            if self.cache_size > 0:
+                # One prompt per forward: matrix products of another batch size round differently (~1e-6), so a
+                # cached encoding would depend on which captions first shared its batch, and a resumed run (its
+                # cache empty) would compute what the uninterrupted run had cached slightly differently. Alone,
+                # a prompt's encoding is the same whenever it is made. The cost is paid once per caption.
+                new = {p: value for prompt in missing for p, value in self._encode_unique([prompt]).items()}
+            else:
+                new = self._encode_unique(missing)
             found.update(new)
             if self.cache_size > 0:
                 for prompt, value in new.items():

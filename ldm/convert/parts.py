@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.unet import UNetModel
+from ldm.weights_io import describe_load_error, refers_to_code
 
 logger = logging.getLogger(__name__)
 
@@ -271,19 +270,15 @@ def read_state_file(path: str | os.PathLike, what: str) -> tuple[dict[str, Any],
         # weights_only: tensors and plain containers only. A pickle that would build other objects (and so
         # could run code) is refused by torch before anything in it is executed.
         contents = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # Name the offending global ("Unsupported global: GLOBAL builtins.print") rather than torch's advice
-        # on how to allow it.
-        message = str(e)
-        found = re.search(r"Unsupported global: GLOBAL [^\s]+", message)
-        detail = found.group(0) if found else (message.strip().splitlines() or [""])[0]
-        raise ConversionError(
-            f"{what} {path}: refused to unpickle: the file holds Python objects other than tensors and plain "
-            f"containers, which could run code on load ({detail}). Only weights_only pickles and .safetensors "
-            f"files are read; convert it to .safetensors with a tool you trust."
-        ) from e
-    except Exception as e:  # truncated files, zip errors
-        raise ConversionError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # code in the pickle, truncated files, zip errors, bytes of another format
+        if refers_to_code(e):
+            raise ConversionError(
+                f"{what} {path}: refused to unpickle: the file holds Python objects other than tensors and plain "
+                f"containers, which could run code on load ({describe_load_error(e)}). Only weights_only pickles "
+                "and .safetensors files are read; convert it to .safetensors with a tool you trust."
+            ) from e
+        raise ConversionError(f"{what} {path} is not a readable checkpoint: not a torch file or .safetensors, or "
+                              f"cut short ({describe_load_error(e)})") from e
     if not isinstance(contents, dict):
         raise ConversionError(f"{what} {path}: expected a dict of tensors, got {type(contents).__name__}")
     return contents, {}

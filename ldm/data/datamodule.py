@@ -101,7 +101,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
-            self.train_stats = DataStats()
+            self.train_stats = DataStats(self.dataset_class.skip_reasons)
             self.train_dataset = self.dataset_class(
                 self.train_shards,
                 resolution=self.resolution,
@@ -127,7 +127,7 @@ class ShardDataModule(L.LightningDataModule):
                 logger.warning("resampled=True without epoch_length: the training stream never ends an epoch; "
                                "bound the run with max_steps")
         if stage in (None, "fit", "validate") and self.val_shards is not None and self.val_dataset is None:
-            self.val_stats = DataStats()
+            self.val_stats = DataStats(self.dataset_class.skip_reasons)
             # Each rank validates its own shards; with fewer shards than ranks every rank reads them all instead
             # (duplicated work, same metric) rather than some ranks having nothing to validate.
             _, world_size = node_info()

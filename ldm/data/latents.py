@@ -14,7 +14,6 @@ would for an encoded image, so training on cached latents is training on the sam
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -54,35 +53,32 @@ class LatentShardDataset(ShardDataset):
     resampling, epochs and skip counting)."""
 
     collate_fn = staticmethod(collate_latents)
+    # corrupt_latent: a .npy that does not load; no_latent: a sample without latent.npy
+    skip_reasons = ("corrupt_latent", "no_latent", "no_caption", "shard_error")
 
-    def _decode(self, src: Iterable[dict]) -> Iterator[dict[str, Any]]:
-        state = self._pass
-        for sample in src:
-            key = str(sample.get("__key__", "?"))
-            url = str(sample.get("__url__", "?"))
-            if "latent.npy" not in sample:
-                members = sorted(k for k in sample if not k.startswith("__"))
-                self._skip("no_image", key, url, f"no latent.npy (members {members}): not a cached-latent shard?")
-                continue
-            raw_caption = sample.get("txt")
-            caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption is not None else ""
-            if not caption and "context.npy" not in sample:
-                if self.missing_caption == "skip":
-                    self._skip("no_caption", key, url, "no .txt" if raw_caption is None else "empty .txt")
-                    continue
-                self.stats.add("empty_caption")
-            try:
-                out: dict[str, Any] = {name: load_npy(sample[ext]) for ext, name in LATENT_FIELDS.items()
-                                       if ext in sample}
-            except Exception as exn:  # noqa: BLE001 - truncated or malformed .npy
-                self._skip("corrupt_image", key, url, repr(exn)[:200])
-                continue
-            if "mask" in out:
-                out["mask"] = out["mask"].bool()
-            out.update(caption=caption, key=key)
-            state.usable += 1
-            self.stats.add("yielded")
-            yield out
+    def _decode_sample(self, sample: dict) -> dict[str, Any] | None:
+        key = str(sample.get("__key__", "?"))
+        url = str(sample.get("__url__", "?"))
+        if "latent.npy" not in sample:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            self._skip("no_latent", key, url, f"no latent.npy (members {members}): not a cached-latent shard?")
+            return None
+        raw_caption = sample.get("txt")
+        caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption is not None else ""
+        if not caption and "context.npy" not in sample:
+            if self.missing_caption == "skip":
+                self._skip("no_caption", key, url, "no .txt" if raw_caption is None else "empty .txt")
+                return None
+            self.stats.add("empty_caption")
+        try:
+            out: dict[str, Any] = {name: load_npy(sample[ext]) for ext, name in LATENT_FIELDS.items() if ext in sample}
+        except Exception as exn:  # noqa: BLE001 - truncated or malformed .npy
+            self._skip("corrupt_latent", key, url, repr(exn)[:200])
+            return None
+        if "mask" in out:
+            out["mask"] = out["mask"].bool()
+        out.update(caption=caption, key=key)
+        return out
 
 
 class LatentDataModule(ShardDataModule):

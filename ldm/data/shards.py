@@ -114,8 +114,8 @@ class NoUsableDataError(RuntimeError):
     """A shard set that yields nothing to train on (every sample skipped, or no shard readable)."""
 
 
+# Why image samples are skipped; other sample kinds name their own (e.g. cached latents: ldm.data.latents).
 SKIP_REASONS: tuple[str, ...] = ("corrupt_image", "no_image", "no_caption", "shard_error")
-_FIELDS: tuple[str, ...] = ("yielded", "empty_caption") + SKIP_REASONS
 
 
 class DataStats:
@@ -125,7 +125,8 @@ class DataStats:
     spawn workers). Each rank has its own; reduce across ranks if a global figure is wanted.
       yielded        samples that reached the model
       empty_caption  samples kept with caption "" (missing_caption="empty")
-      skipped[r]     samples dropped, by reason: corrupt_image, no_image, no_caption, shard_error (an unreadable
+      skipped[r]     samples dropped, by reason (``reasons``; for images: corrupt_image, no_image, no_caption,
+                     shard_error, an unreadable
                      shard or malformed tar entry, counted once per error)
 
     One row of counters per writer (row 0: the main process, row 1 + k: worker k), summed when read: each row has
@@ -135,17 +136,19 @@ class DataStats:
 
     max_rows: int = 65  # the main process and 64 workers; more workers share rows (counts may then undercount)
 
-    def __init__(self) -> None:
-        self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(_FIELDS))
+    def __init__(self, reasons: Sequence[str] = SKIP_REASONS) -> None:
+        self.reasons = tuple(reasons)
+        self._fields = ("yielded", "empty_caption") + self.reasons
+        self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(self._fields))
 
     def add(self, name: str, n: int = 1) -> None:
         info = torch.utils.data.get_worker_info()
         row = 0 if info is None else 1 + info.id % (self.max_rows - 1)
-        self._counts[row * len(_FIELDS) + _FIELDS.index(name)] += n
+        self._counts[row * len(self._fields) + self._fields.index(name)] += n
 
     def _get(self, name: str) -> int:
-        index = _FIELDS.index(name)
-        return int(sum(self._counts[index :: len(_FIELDS)]))
+        index = self._fields.index(name)
+        return int(sum(self._counts[index :: len(self._fields)]))
 
     @property
     def yielded(self) -> int:
@@ -157,7 +160,7 @@ class DataStats:
 
     @property
     def skipped(self) -> dict[str, int]:
-        return {reason: self._get(reason) for reason in SKIP_REASONS}
+        return {reason: self._get(reason) for reason in self.reasons}
 
     @property
     def total_skipped(self) -> int:
@@ -180,14 +183,16 @@ class DataStats:
     # datamodule sent through ddp_spawn after use) gets a private copy of the current counts instead of failing.
     def __getstate__(self) -> dict[str, Any]:
         if multiprocessing.context.get_spawning_popen() is not None:
-            return {"shared": self._counts}
-        return {"values": list(self._counts[:])}
+            return {"reasons": self.reasons, "shared": self._counts}
+        return {"reasons": self.reasons, "values": list(self._counts[:])}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.reasons = state["reasons"]
+        self._fields = ("yielded", "empty_caption") + self.reasons
         if "shared" in state:
             self._counts = state["shared"]
         else:
-            self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(_FIELDS))
+            self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(self._fields))
             self._counts[:] = state["values"]
 
 
@@ -269,6 +274,16 @@ class Resume:
 
 
 @dataclass
+class _Read:
+    """The first complete read of one shard in a pass: how many samples it held and how many were decoded."""
+
+    raw: int = 0
+    decoded: int = 0
+    complete: bool = False
+    errors: int = 0
+
+
+@dataclass
 class _Pass:
     """What one pass (one epoch of one worker) has seen; used to tell 'some bad samples' from 'nothing usable'."""
 
@@ -278,7 +293,18 @@ class _Pass:
     raw: int = 0
     usable: int = 0
     skipped: int = 0
-    skipped_urls: set[str] = field(default_factory=set)
+    # Each shard's first read in this pass, and the read in progress (None: a shard read before, or none).
+    first_reads: dict[str, _Read] = field(default_factory=dict)
+    reading: _Read | None = None
+
+    def every_shard_read_and_skipped(self, urls: Sequence[str]) -> bool:
+        """Nothing usable can come any more: every shard has been read to its end, and every sample of those
+        reads was decoded and skipped. Only then; not after a run of bad samples, however long, because the next
+        one may be good."""
+        return self.usable == 0 and all(
+            (read := self.first_reads.get(url)) is not None and read.complete and read.decoded == read.raw
+            for url in urls
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,6 +321,8 @@ class ShardDataset(wds.DataPipeline):
 
     Samples: {"image": float32 (3, R, R) in [-1, 1], "caption": str, "key": str}.
     """
+
+    skip_reasons: tuple[str, ...] = SKIP_REASONS  # what DataStats counts for this kind of sample
 
     def __init__(
         self,
@@ -327,7 +355,7 @@ class ShardDataset(wds.DataPipeline):
         self.missing_caption = missing_caption
         self.seed = seed
         self.split_nodes = split_nodes
-        self.stats = stats if stats is not None else DataStats()
+        self.stats = stats if stats is not None else DataStats(self.skip_reasons)
         # With buckets, images keep their aspect ratio: each is cropped to the bucket nearest its shape, and
         # batches are formed here, one bucket per batch (ShardLoader sets bucket_batch_size).
         self.buckets = buckets
@@ -408,27 +436,42 @@ class ShardDataset(wds.DataPipeline):
 
     def _track_shards(self, src: Iterable[dict]) -> Iterator[dict]:
         state = self._pass
-        limit = 2 * len(self.urls) + 8
         for item in src:
-            if self.resampled and state.raw == 0 and len(state.shards) >= limit:
-                raise NoUsableDataError(
-                    f"read {len(state.shards)} shards without a single sample from shard spec {self.spec!r} "
-                    f"({_shorten(self.urls)}); {self.stats}"
-                )
-            state.shards.append(item["url"])
+            # The tar reader asks for the next shard only once it is done with the previous one.
+            self._end_read(state)
+            url = item["url"]
+            if url in state.first_reads:
+                state.reading = None  # a shard drawn again: its first read already tells what it holds
+            else:
+                state.reading = state.first_reads[url] = _Read()
+            state.shards.append(url)
             yield item
+        self._end_read(state)
+
+    def _end_read(self, state: _Pass) -> None:
+        if state.reading is not None:
+            state.reading.complete = True
+            state.reading = None
+            self._check_usable(state)
 
     def _on_shard_error(self, exn: Exception) -> bool:
-        # webdataset appends the url (and stream) to exn.args; keep the message short.
-        self.stats.add("shard_error")
-        url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in self.urls), "?")
-        _SKIP_LOG.warn("shard_error", "-", url, repr(exn)[:300])
+        # A truncated tar raises twice (reading the cut member, then moving past it): count a shard read once.
+        reading = self._pass.reading
+        if reading is None or reading.errors == 0:
+            self.stats.add("shard_error")
+            url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in self.urls), "?")
+            _SKIP_LOG.warn("shard_error", "-", url, repr(exn)[:300])
+        if reading is not None:
+            reading.errors += 1
         return True  # continue with the next entry / shard
 
     def _track_raw(self, src: Iterable[dict]) -> Iterator[dict]:
         state = self._pass
         for sample in src:
             state.raw += 1
+            if state.reading is not None:
+                state.reading.raw += 1
+                sample["__read__"] = state.reading  # so that decoding can count this read's samples
             yield sample
 
     def _shuffle_samples(self, src: Iterable[dict]) -> Iterator[dict]:
@@ -458,43 +501,30 @@ class ShardDataset(wds.DataPipeline):
         return itertools.islice(src, n, None)
 
     def _skip(self, reason: str, key: str, url: str, detail: str) -> None:
-        state = self._pass
+        self._pass.skipped += 1
         self.stats.add(reason)
-        state.skipped += 1
-        state.skipped_urls.add(url)
         _SKIP_LOG.warn(reason, key, url, detail)
-        # A resampled stream never ends, so "nothing usable" has to be decided on the way: after every shard
-        # has produced only skips, or after many skips with no success.
-        if self.resampled and state.usable == 0 and (
-            state.skipped >= 1000 or len(state.skipped_urls) >= len(set(self.urls))
-        ):
+
+    def _check_usable(self, state: _Pass) -> None:
+        # A resampled stream never ends, so "nothing usable" has to be decided on the way: exactly when every
+        # shard has been read through and all it held was skipped.
+        if self.resampled and state.every_shard_read_and_skipped(self.urls):
             raise NoUsableDataError(self._nothing_usable_message(state))
 
     def _decode(self, src: Iterable[dict]) -> Iterator[dict[str, Any]]:
         state = self._pass
         for sample in src:
-            key = str(sample.get("__key__", "?"))
-            url = str(sample.get("__url__", "?"))
-            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-            if data is None:
-                members = sorted(k for k in sample if not k.startswith("__"))
-                self._skip("no_image", key, url, f"members {members}")
-                continue
-            raw_caption = sample.get("txt")
-            caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption is not None else ""
-            if not caption:
-                if self.missing_caption == "skip":
-                    self._skip("no_caption", key, url, "no .txt" if raw_caption is None else "empty .txt")
-                    continue
-                self.stats.add("empty_caption")
-            try:
-                image = self.transform(decode_image(data, draft_size=self.draft_size))
-            except Exception as exn:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
-                self._skip("corrupt_image", key, url, repr(exn)[:200])
+            read = sample.pop("__read__", None)
+            decoded = self._decode_sample(sample)
+            if read is not None:
+                read.decoded += 1
+            if decoded is None:
+                if read is not None and read.complete:
+                    self._check_usable(state)
                 continue
             state.usable += 1
             self.stats.add("yielded")
-            yield {"image": image, "caption": caption, "key": key}
+            yield decoded
 
         # Only reached when the shards ran out (not resampled).
         if state.usable == 0 and state.shards:
@@ -504,6 +534,29 @@ class ShardDataset(wds.DataPipeline):
                 raise NoUsableDataError(message)
             # Another worker may have good shards: ShardLoader raises if the whole loader yields nothing.
             logger.warning("%s (this worker only)", message)
+
+    def _decode_sample(self, sample: dict) -> dict[str, Any] | None:
+        """{"image", "caption", "key"}, or None after counting and logging why the sample is skipped."""
+        key = str(sample.get("__key__", "?"))
+        url = str(sample.get("__url__", "?"))
+        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if data is None:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            self._skip("no_image", key, url, f"members {members}")
+            return None
+        raw_caption = sample.get("txt")
+        caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption is not None else ""
+        if not caption:
+            if self.missing_caption == "skip":
+                self._skip("no_caption", key, url, "no .txt" if raw_caption is None else "empty .txt")
+                return None
+            self.stats.add("empty_caption")
+        try:
+            image = self.transform(decode_image(data, draft_size=self.draft_size))
+        except Exception as exn:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
+            self._skip("corrupt_image", key, url, repr(exn)[:200])
+            return None
+        return {"image": image, "caption": caption, "key": key}
 
     def _cut_epoch(self, src: Iterable[dict]) -> Iterator[dict]:
         worker, num_workers = worker_info()

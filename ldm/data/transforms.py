@@ -14,8 +14,28 @@ from PIL import Image
 WHITE: tuple[int, int, int] = (255, 255, 255)
 
 
+# Integer modes wider than 8 bits. PIL's convert("RGB") clips their values at 255 instead of scaling them, so a
+# 16-bit grayscale PNG (mode I;16, values up to 65535) came out almost entirely white.
+WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer, read as 16-bit) grayscale image as 8-bit "L": value / 257, so 65535 → 255;
+    a float image ("F") as 8-bit with values in [0, 1] mapped to [0, 255] (values above 1: taken as 0-255)."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if array.size and np.nanmax(array) <= 1.0 else 1.0
+        array = np.nan_to_num(array) * scale
+    else:
+        array = array / 257.0
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
-    """Convert any PIL mode to RGB, compositing transparency (RGBA, LA, palette+transparency) on `background`."""
+    """Convert any PIL mode to RGB, compositing transparency (RGBA, LA, palette+transparency) on `background`
+    and scaling 16-bit and float grayscale to 8 bits."""
+    if image.mode in WIDE_INTEGER_MODES or image.mode == "F":
+        image = to_8bit(image)
     has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (
         image.mode == "P" and "transparency" in image.info
     )

@@ -198,7 +198,7 @@ def _blend_positions(
 def prompt_to_prompt(
     pipe: LatentDiffusionPipeline,
     source_prompt: str,
-    target_prompt: str,
+    target_prompt: str | None = None,
     *,
     edit: str = "replace",
     cross_replace_steps: Window | Mapping[str, Window] | None = None,
@@ -213,7 +213,8 @@ def prompt_to_prompt(
     **generate_kwargs,
 ) -> GenerationResult:
     """Generate the source image and its edit from the same seed. Returns a GenerationResult with images
-    [source, edited] and prompts [source_prompt, target_prompt].
+    [source, edited] and prompts [source_prompt, target_prompt]. target_prompt: the edited prompt; for
+    "reweight" it defaults to the source prompt (reweighting its own words).
 
     cross_replace_steps / self_replace_steps: None = the edit's default (replace, reweight: 0.8 / 0.4;
         refine: 0.5 / 0.2).
@@ -224,6 +225,10 @@ def prompt_to_prompt(
     """
     if edit not in EDITS:
         raise ValueError(f"unknown edit {edit!r}; choose one of {EDITS}")
+    if target_prompt is None:
+        if edit != "reweight":
+            raise ValueError(f"edit={edit} needs target_prompt (the edited prompt)")
+        target_prompt = source_prompt  # reweighting words of the prompt itself
     if generate_kwargs.pop("n", 1) != 1:
         raise ValueError("prompt_to_prompt makes one source/edit pair; call it per seed")
     default_cross, default_self = DEFAULT_REPLACE_STEPS[edit]

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.autoencoder_loss import AutoencoderLoss
+from ldm.training.gradients import clip_and_measure
 from ldm.training.images import grid_image, log_image
 from ldm.training.lr_schedule import build_lr_scheduler
 
@@ -132,6 +133,11 @@ class AutoencoderModule(L.LightningModule):
         total = None if total is None or math.isinf(total) else int(total)
         scheduler = build_lr_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's clipping refuses the fused optimizer under mixed precision; see ldm.training.gradients.
+        norm = clip_and_measure(self.trainer, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.log("train/grad_norm", norm, batch_size=1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)

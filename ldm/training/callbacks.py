@@ -7,6 +7,7 @@ import logging
 import lightning as L
 import torch
 
+from ldm.training.divergence import resume_advice
 from ldm.training.images import grid_image, log_image
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,14 @@ class SampleImages(L.Callback):
 
         was_training = pl_module.training
         pl_module.eval()
+        count = len(self.prompts) * self.n_per_prompt
+        log.info("sampling a grid of %d images (%d %s steps) at step %d", count, self.steps, self.sampler,
+                 trainer.global_step)
         try:
             pipe = LatentDiffusionPipeline.from_module(pl_module, use_ema=self.use_ema)
             result = pipe.generate(self.prompts, n=self.n_per_prompt, steps=self.steps, sampler=self.sampler,
-                                   cfg_scale=self.cfg_scale, seed=self.seed)
+                                   cfg_scale=self.cfg_scale, seed=self.seed,
+                                   progress=trainer.progress_bar_callback is not None)
         finally:
             pl_module.train(was_training)
         images = result.images
@@ -73,6 +78,16 @@ class SampleImages(L.Callback):
         if self.at_train_end:
             with torch.no_grad():
                 self._sample(trainer, pl_module)
+
+
+class LogLastStep(L.Callback):
+    """Lightning sends metrics to the loggers every ``trainer.log_every_n_steps`` steps only, so a run shorter than
+    that logged nothing (no metrics.csv), and the last values logged were up to that many steps old. It also logs
+    whenever the loop is asked to stop: this asks at the step where ``max_steps`` ends training anyway."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 class DataStatsLogger(L.Callback):
@@ -122,6 +137,5 @@ class FiniteWeightsGuard(L.Callback):
             shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
             raise FloatingPointError(
                 f"refusing to save a checkpoint at step {trainer.global_step}: non-finite weights "
-                f"({shown or 'on another rank'}); the last checkpoint written is kept. Resume from it with a lower "
-                "learning rate, or set model.nonfinite_loss=skip")
+                f"({shown or 'on another rank'}). {resume_advice(trainer, pl_module)}")
 

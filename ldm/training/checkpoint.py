@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ldm.weights_io import describe_load_error, refers_to_code
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or not what was expected."""
@@ -25,5 +27,9 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     try:
         # weights_only: tensors and plain containers only; a pickle that would run code is refused.
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, zip errors, truncated files
-        raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # UnpicklingError, zip errors, truncated files, bytes of another format
+        if refers_to_code(e):
+            raise CheckpointError(f"refused to read {what} {path}: it holds Python objects other than tensors, which "
+                                  f"could run code on load ({describe_load_error(e)})") from e
+        raise CheckpointError(f"{what} {path} is not a readable checkpoint: not a torch file or .safetensors, or "
+                              f"cut short ({describe_load_error(e)})") from e

@@ -19,6 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ldm.training.checkpoint import CheckpointError
+from ldm.weights_io import describe_load_error, refers_to_code
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except FileNotFoundError:
             raise
         except Exception as e:  # UnpicklingError (code in the pickle), zip errors, truncated files
-            raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''} (checkpoints are read with "
-                                  "weights_only=True: tensors and plain containers only)") from e
+            why = ("it holds Python objects other than tensors, which could run code on load" if refers_to_code(e)
+                   else "not a torch checkpoint, or cut short")
+            raise CheckpointError(f"cannot resume from {path}: {why} ({describe_load_error(e)}; checkpoints are "
+                                  "read with weights_only=True: tensors and plain containers only)") from e

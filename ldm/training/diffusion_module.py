@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.diffusion.objectives import diffusion_loss, normalize_prediction_type, sample_offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
@@ -30,7 +29,9 @@ from ldm.modules.lora import LoRASettings, add_lora
 from ldm.modules.unet import UNetModel
 from ldm.training.autoencoder_module import plain
 from ldm.training.checkpoint import load_checkpoint
+from ldm.training.divergence import resume_advice
 from ldm.training.ema import EMA
+from ldm.training.gradients import clip_and_measure, fsdp_root
 from ldm.training.lr_schedule import build_lr_scheduler
 from ldm.training.rng import rng_state, sample_generators, set_rng_state
 
@@ -193,7 +194,6 @@ class DiffusionModule(L.LightningModule):
                      sum(p.numel() for p in self.trainable_parameters()))
         self.schedule = NoiseSchedule(**schedule)
         self.ema = EMA(self.unet, **ema) if ema else None
-        self._ema_step = -1
         self.skipped_nonfinite = 0
         self._uncond_context: tuple[torch.Tensor, torch.Tensor] | None = None
         self._skip_update = False
@@ -277,11 +277,6 @@ class DiffusionModule(L.LightningModule):
         if self._trainer is None or self.trainer.world_size == 1:
             return value
         return self.trainer.strategy.reduce(value, reduce_op="sum")
-
-    def _fsdp_root(self):
-        """The FSDP-wrapped model under trainer=fsdp, else None."""
-        model = self.trainer.strategy.model if self._trainer is not None else None
-        return model if isinstance(model, FullyShardedDataParallel) else None
 
     def on_fit_start(self) -> None:
         # train.py seeds every rank alike; give each rank its own stream so that ranks draw different t, noise
@@ -410,14 +405,16 @@ class DiffusionModule(L.LightningModule):
                 f" at step {self.global_step} (batch keys: {list(batch.get('key', []))[:4]})"
             message = f"non-finite {where}"
             if self.hparams.nonfinite_loss == "raise":
-                raise FloatingPointError(message + "; set model.nonfinite_loss=skip to drop such batches instead")
+                raise FloatingPointError(f"{message}. {resume_advice(self.trainer, self)}, or set "
+                                         "model.nonfinite_loss=skip to drop such batches")
             self.skipped_nonfinite += 1
             log.warning("%s: update skipped on every rank (%d so far)", message, self.skipped_nonfinite)
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=1)
             # Backward still runs on every rank (Lightning refuses a None loss in distributed training, and DDP
             # and FSDP expect every rank's gradients); optimizer_step then drops the gradients unused.
             self._skip_update = True
-            return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+            # The flag tells the divergence guard (ldm.training.divergence) that this step did not count.
+            return {"loss": torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0), "skipped_nonfinite": True}
         b = stats["mse"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/mse", stats["mse"].mean(), batch_size=b)
@@ -470,36 +467,20 @@ class DiffusionModule(L.LightningModule):
             return result
 
         optimizer.step(closure=closure)
+        # The EMA follows each optimizer step here, before any callback sees the step's end: a checkpoint
+        # written at this step (ModelCheckpoint runs in on_train_batch_end) holds the EMA of these weights,
+        # and a run resumed from it makes the same updates as one never interrupted.
+        if self.ema is not None:
+            fsdp = fsdp_root(self._trainer)
+            # Under FSDP the U-Net holds shards between steps: gather the full weights (all ranks) to average.
+            with FullyShardedDataParallel.summon_full_params(fsdp, writeback=False) if fsdp else nullcontext():
+                # Lightning counts the step as completed once this hook returns: this update is step global_step + 1.
+                self.ema.update(self.unet, self.global_step + 1)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        fsdp = self._fsdp_root()
-        if fsdp is None or not gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            return
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"trainer=fsdp clips gradients by norm only, got {gradient_clip_algorithm!r}")
-        # The norm over all shards: torch.nn.utils.clip_grad_norm_ would see this rank's shard only.
-        fsdp.clip_grad_norm_(gradient_clip_val)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        squares = [p.grad.detach().float().pow(2).sum() for p in self.trainable_parameters() if p.grad is not None]
-        if squares:
-            total = torch.stack(squares).sum()
-            if self._fsdp_root() is not None:  # each rank holds a shard of the gradients
-                total = self._sum_over_ranks(total)
-            self.log("train/grad_norm", total.sqrt(), batch_size=1)
-
-    def on_train_start(self) -> None:
-        # EMA updates follow optimizer steps: the first is due when global_step first moves on from here.
-        self._ema_step = self.global_step
-        # A resumed optimizer brings back the learning rate the old schedule had set. This run's schedule (whose
-        # length follows trainer.max_steps, which a resumed run may change) decides it for the restored step.
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if isinstance(scheduler, LambdaLR):
-                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                               scheduler.lr_lambdas):
-                    group["lr"] = base * factor(scheduler.last_epoch)
+        # Lightning calls this after every backward pass that ends in an optimizer step, with or without clipping.
+        norm = clip_and_measure(self.trainer, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.log("train/grad_norm", norm, batch_size=1)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         states = getattr(self, "_resumed_rng_states", None)
@@ -512,13 +493,6 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1, prog_bar=True)
-        # global_step counts optimizer steps: with gradient accumulation it does not move every batch.
-        if self.ema is not None and self.global_step != self._ema_step:
-            self._ema_step = self.global_step
-            fsdp = self._fsdp_root()
-            # Under FSDP the U-Net holds shards between steps: gather the full weights (all ranks) to average.
-            with FullyShardedDataParallel.summon_full_params(fsdp, writeback=False) if fsdp else nullcontext():
-                self.ema.update(self.unet, self.global_step)
 
     # -- inference --------------------------------------------------------------------------------------------
 

@@ -42,7 +42,9 @@ class PretrainedInit:
     autoencoder_state: None when the source has no autoencoder. conditioner_config: a conditioner config with
     ``_target_`` (None: keep the experiment's); conditioner_seed / conditioner_state: the seed a random-weight
     stand-in is drawn from, and weights of a trainable conditioner, where the source has them.
-    prediction_type / schedule_config: None where the source does not say.
+    prediction_type / schedule_config: None where the source does not say. resolution: the image size the source
+    model was trained at (a stage-2 checkpoint's sampling size; diffusers' U-Net sample_size × the autoencoder's
+    downsampling; 512 for SD single files), the default of DreamBooth's data.resolution.
     """
 
     def __init__(
@@ -57,8 +59,10 @@ class PretrainedInit:
         conditioner_state: dict[str, torch.Tensor] | None = None,
         prediction_type: str | None = None,
         schedule_config: dict | None = None,
+        resolution: int | None = None,
     ):
         self.source = source
+        self.resolution = resolution  # the image size the source was trained at (None: unknown)
         self.unet_config = dict(unet_config)
         self.unet_state = unet_state
         self.autoencoder_config = None if autoencoder_config is None else dict(autoencoder_config)
@@ -89,6 +93,16 @@ class PretrainedInit:
 
 
 # ------------------------------------------------------------------------------------------- sources
+
+
+def native_latent_size(path: str | os.PathLike, kind: str) -> int:
+    """The latent size imported weights were trained at: diffusers' U-Net ``sample_size``, else SD's 64."""
+    config = Path(path) / "unet" / "config.json"
+    if kind == "diffusers" and config.is_file():
+        import json
+
+        return int(json.loads(config.read_text()).get("sample_size") or 64)
+    return 64
 
 
 def source_kind(path: str | os.PathLike, what: str = "init_from") -> tuple[str, dict[str, Any] | None]:
@@ -182,6 +196,7 @@ def _from_stage2(ckpt: dict[str, Any], path: Path, out_dir: Path, use_ema: bool)
         conditioner_state=conditioner_state,
         prediction_type=hparams["prediction_type"],
         schedule_config=dict(hparams["schedule"]),
+        resolution=(hparams.get("sampling") or {}).get("image_size"),
     )
 
 
@@ -221,4 +236,6 @@ def load_init_weights(path: str | os.PathLike, out_dir: str | os.PathLike, use_e
         conditioner_config=conditioner_config,
         prediction_type=converted.prediction_type,
         schedule_config=converted.schedule_config,
+        resolution=None if converted.autoencoder_config is None else
+        native_latent_size(path, kind) * 2 ** (len(converted.autoencoder_config["ch_mult"]) - 1),
     )
