@@ -4,6 +4,7 @@ gradient accumulation), torch.compile, and resuming (RNG states, atomic and safe
 
 from __future__ import annotations
 
+import math
 import pickle
 import types
 
@@ -51,6 +52,53 @@ def test_bf16_mixed_step_keeps_trainable_weights_fp32(ae, tmp_path):
     assert all(p.dtype == torch.float32 for p in module.ema.model.parameters())
     state = module.trainer.optimizers[0].state
     assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+
+
+class GradNorms(L.Callback):
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.norms.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+
+def _stage(ae, stage: str):
+    if stage == "diffusion":
+        return T.module(ae, optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "fused": True})
+    from ldm.training.autoencoder_module import AutoencoderModule
+
+    return AutoencoderModule(autoencoder=T.AUTOENCODER, loss={"kl_weight": 1e-6}, lr=1e-3, fused_optimizer=True)
+
+
+@pytest.mark.parametrize("stage", ["diffusion", "autoencoder"])
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
+def test_fused_adamw_clips_under_every_precision(ae, tmp_path, stage, precision):
+    # trainer=gpu is bf16-mixed with the default fused AdamW and gradient_clip_val=1.0; Lightning refuses to clip
+    # for an optimizer that unscales inside its step (it stopped at the first step). Under 16-mixed the gradient
+    # scaler multiplies the loss by 65,536: the norm must be measured, clipped and logged unscaled.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module = _stage(ae, stage)
+    before = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+    record = GradNorms()
+    # Lightning turns precision="16-mixed" into bf16 on the CPU; a plugin with a GradScaler keeps fp16 and scaling.
+    options = ({"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))]}
+               if precision == "16-mixed" else {"precision": precision})
+    # The scaler halves its scale after each overflowing step: the autoencoder's summed loss needs ~12 of them.
+    steps = 16 if precision == "16-mixed" else 3
+    trainer = T.trainer(tmp_path, max_steps=steps, gradient_clip_val=1.0, callbacks=[record], **options)
+    trainer.fit(module, T.Data())  # the same batch every step
+    assert trainer.optimizers[0].defaults["fused"]
+    after = [p for p in module.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # it trained
+    torch.manual_seed(0)
+    reference = GradNorms()
+    T.trainer(tmp_path, max_steps=1, gradient_clip_val=1.0, callbacks=[reference]).fit(_stage(ae, stage), T.Data())
+    # The first update's gradient norm, unscaled: as in fp32 up to the precision's rounding (not 65,536 times it).
+    # Steps that overflow (the scaler calibrating) log a non-finite norm and change nothing.
+    finite = [n for n in record.norms if math.isfinite(n)]
+    assert finite and finite[0] == pytest.approx(reference.norms[0], rel=0.1)
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
