@@ -416,3 +416,52 @@ def test_two_process_gloo_evaluation_equals_one_process(tiny_checkpoints, tiny_r
     two = json.loads((tmp_path / "two" / "evaluation.json").read_text())["checkpoints"][0]
     for key in ("fid", "kid", "kid_std", "clip_score", "top1", "num_images"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), key
+
+
+# -- train.py end to end ----------------------------------------------------------------------------------------
+
+
+def eval_rows(run_dir: Path) -> list[dict]:
+    return [r for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("eval/images_seen")]
+
+
+@pytest.mark.slow
+def test_train_py_logs_evaluation_curves_of_both_stages_and_under_ddp(tmp_path):
+    """The emoji experiments as a user runs them (tiny sizes): stage 1 logs the held-out PSNR (the number
+    val/psnr logs at the same weights), stage 2 the top-1 rate and FID/KID against the shipped emoji statistics
+    (random Inception, seed 0) to CSV and wandb against the image count; a 2-process DDP run measures the
+    untrained model as one process does."""
+    from test_train import TINY_DATA, TINY_LDM, run
+
+    data = f"paths.data_dir={tmp_path / 'data'}"
+    ae = tmp_path / "ae"
+    run("train.py", "experiment=emoji_autoencoder", f"hydra.run.dir={ae}", data, *TINY_DATA, "trainer.max_steps=4",
+        "callbacks.evaluation.every_n_images=8", env={"OMP_NUM_THREADS": "1"})
+    rows = eval_rows(ae)
+    assert [float(r["eval/images_seen"]) for r in rows] == [0.0, 8.0, 16.0]
+    val = [r for r in csv.DictReader(open(ae / "csv" / "metrics.csv")) if r.get("val/psnr")]
+    # validation after the first epoch (2 steps, 8 images) sees the same weights and the same 4 held-out emoji
+    assert float(rows[1]["eval/heldout_psnr"]) == pytest.approx(float(val[0]["val/psnr"]), abs=1e-4)
+
+    stage2 = [*TINY_DATA, *TINY_LDM, f"autoencoder.ckpt_path={ae / 'checkpoints' / 'last.ckpt'}", data,
+              "trainer.max_steps=3", "callbacks.evaluation.every_n_images=8", "evaluation.steps=2",
+              "evaluation.inception.random_seed=0", "model.sampling.prompts=[balloon,owl,pig,cow face]"]
+    ldm = tmp_path / "ldm"
+    run("train.py", "experiment=emoji_ldm", f"hydra.run.dir={ldm}", *stage2, "logger=[csv,wandb]",
+        env={"OMP_NUM_THREADS": "1"})
+    rows = eval_rows(ldm)
+    assert [float(r["eval/images_seen"]) for r in rows] == [0.0, 8.0, 12.0]
+    for row in rows:
+        assert 0 <= float(row["eval/top1"]) <= 1 and float(row["eval/fid"]) > 0 and row["eval/kid"]
+    wandb_run = next((ldm / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    # the history rows, and the step metric that puts eval/* against the image count
+    assert wandb_run.count(b"eval/top1") >= len(rows) and b"eval/*" in wandb_run and b"eval/images_seen" in wandb_run
+
+    ddp = tmp_path / "ddp"
+    run("train.py", "experiment=emoji_ldm", f"hydra.run.dir={ddp}", *stage2, "callbacks.evaluation.every_n_images=0",
+        "trainer=ddp",
+        "trainer.accelerator=cpu", "trainer.devices=2", env={"OMP_NUM_THREADS": "1"})
+    one, two = rows[0], eval_rows(ddp)[0]
+    assert float(two["eval/images_seen"]) == 0.0
+    for key in ("eval/top1", "eval/fid", "eval/kid", "eval/num_images"):
+        assert float(two[key]) == pytest.approx(float(one[key]), rel=1e-5), key

@@ -197,8 +197,8 @@ class Evaluator:
         metrics: dict[str, float] = {}
         if self.fid_enabled:
             extractor = self.inception(device)
-            features = extractor(images) if len(images) else torch.zeros(0, extractor.identity["features"])
             self._stats.check(extractor.identity, int(pipe.image_size), self.ref_stats_path)
+            features = extractor(images) if len(images) else torch.zeros(0, extractor.identity["features"])
             from ldm.evaluation.fid import fid_kid
 
             metrics.update(fid_kid(gather(features.cpu().double()), self._stats, self.kid_subsets,

@@ -76,10 +76,11 @@ class EvaluateImages(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.heldout is None and not self.prompts:
-            raise ValueError("the evaluation callback needs prompts (callbacks.evaluation.prompts), or "
-                             "heldout.shards for an autoencoder")
+            if trainer.is_global_zero:
+                log.info("evaluation: off, nothing to measure (no prompts, no held-out shards)")
+            self._enabled = False
         # Missing weights, statistics or shards fail now, not after the first N images.
-        if self.heldout is not None:
+        elif self.heldout is not None:
             from ldm.evaluation.emoji import read_images
 
             self._heldout_images, _ = read_images(self.heldout["shards"], int(self.heldout["resolution"]))
