@@ -14,7 +14,10 @@ DDIM 25 steps, guidance 3, batch 64) for:
 
 Each is timed `--repeats` times after one warm-up; the median is reported. Then the share of stage 2 of the
 quick start (1000 steps; evaluations at the start and every 16,000 images = 5) at the stage-2 time the
-README measured. Ends with `RESULT name=value` lines.
+README measured. Also the parts of the FID cost: the Inception network per image (channels_last, as
+`InceptionFeatures` runs it, and the default contiguous layout) and torchmetrics' FID computation on 2048
+features (an eigendecomposition of a 2048×2048 matrix, whatever the number of images).
+Ends with `RESULT name=value` lines.
 """
 
 from __future__ import annotations
@@ -113,9 +116,39 @@ def main() -> None:
         print(f"{name:18s} {seconds:6.1f} s per evaluation ({len(prompts)} prompts, {settings['steps']} DDIM steps); "
               f"{', '.join(f'{k}={v:.4g}' for k, v in metrics.items())}", flush=True)
     print(f"threads: {torch.get_num_threads()}; quick start stage 2: {STAGE2_SECONDS} s, {evaluations} evaluations")
+    parts = measure_fid_parts(pipe, evaluation, prompts, args.repeats)
     for name, seconds in results.items():
         print(f"RESULT seconds_per_evaluation_{name}={seconds:.2f}")
         print(f"RESULT quickstart_stage2_share_{name}={evaluations * seconds / STAGE2_SECONDS:.3f}")
+    for name, seconds in parts.items():
+        print(f"RESULT {name}={seconds:.3f}")
+
+
+def measure_fid_parts(pipe, evaluation: dict, prompts: list[str], repeats: int) -> dict[str, float]:
+    from ldm.evaluation.fid import fid_kid
+    from ldm.evaluation.inception import InceptionFeatures
+    from ldm.evaluation.reference_stats import ReferenceStats
+
+    images = pipe.generate(prompts, steps=2, seed=0, batch_size=64).images
+    extractor = InceptionFeatures(random_seed=0)
+    stats = ReferenceStats.load(evaluation["ref_stats"])
+    features = extractor(images)
+    parts = {}
+    for layout, memory_format in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+        extractor.net.to(memory_format=memory_format)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            extractor(images)
+            times.append(time.perf_counter() - start)
+        parts[f"inception_seconds_per_image_{layout}"] = statistics.median(times) / len(images)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fid_kid(features, stats)
+        times.append(time.perf_counter() - start)
+    parts["fid_kid_compute_seconds"] = statistics.median(times)
+    return parts
 
 
 if __name__ == "__main__":

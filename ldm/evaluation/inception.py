@@ -104,7 +104,8 @@ class InceptionFeatures(nn.Module):
         stub.seek(0)
         with torch.random.fork_rng(devices=[]):  # the layers' default init draws from the global generator
             self.net = _inception_class()("inception-v3-compat", [str(features)], stub, antialias=antialias)
-        # NHWC: about 1.6× faster convolutions on the CPU, the same features to float rounding.
+        # NHWC: faster convolutions on the CPU (scripts/measure_evaluation_cost.py), the same features to float
+        # rounding.
         self.net.to(memory_format=torch.channels_last)
         self.antialias = antialias
         self.identity = {
