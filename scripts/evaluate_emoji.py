@@ -23,17 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.data.shards import ShardDataset  # noqa: E402
+from ldm.evaluation.emoji import NearestTrainingImage, read_images, reconstruction_psnr  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm.training.autoencoder_module import psnr  # noqa: E402
 from ldm.training.checkpoint import load_checkpoint  # noqa: E402
 from ldm.training.diffusion_module import load_autoencoder  # noqa: E402
-
-
-def read_images(shards: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    dataset = ShardDataset(shards, resolution=resolution, shuffle=False, resampled=False)
-    samples = list(dataset)
-    return torch.stack([s["image"] for s in samples]), [s["caption"] for s in samples]
 
 
 def final_loss(metrics_csv: Path, column: str, last: int = 50) -> float | None:
@@ -44,12 +37,8 @@ def final_loss(metrics_csv: Path, column: str, last: int = 50) -> float | None:
     return sum(values[-last:]) / len(values[-last:]) if values else None
 
 
-def top1_rate(pipe, captions, train_images, train_captions, sample_args) -> tuple[float, list[bool]]:
-    result = pipe.generate(captions, n=1, **sample_args)
-    samples = result.images.float()  # (N, 3, H, W) in [-1, 1]
-    distances = torch.cdist(samples.flatten(1), train_images.flatten(1))  # (N, num_train)
-    nearest = distances.argmin(dim=1)
-    hits = [train_captions[j] == c for j, c in zip(nearest.tolist(), captions)]
+def top1_rate(pipe, captions, training: NearestTrainingImage, sample_args) -> tuple[float, list[bool]]:
+    hits = training.hits(pipe.generate(captions, n=1, **sample_args).images, captions).tolist()
     return sum(hits) / len(hits), hits
 
 
@@ -68,22 +57,20 @@ def main() -> None:
     pipe = LatentDiffusionPipeline.from_checkpoint(ldm_ckpt)
     resolution = pipe.image_size
     data_cfg = json.loads((args.run / "data.json").read_text())
-    train_images, train_captions = read_images(data_cfg["train_shards"], resolution)
+    training = NearestTrainingImage.from_shards(data_cfg["train_shards"], resolution)
     sample_args = dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, batch_size=64)
 
     report: dict[str, float | None] = {}
     fixed = list(hp["sampling"]["prompts"])
-    report["top1_fixed_captions"], hits = top1_rate(pipe, fixed, train_images, train_captions, sample_args)
-    report["top1_all_training_captions"], _ = top1_rate(pipe, train_captions, train_images, train_captions,
-                                                        sample_args)
+    report["top1_fixed_captions"], hits = top1_rate(pipe, fixed, training, sample_args)
+    report["top1_all_training_captions"], _ = top1_rate(pipe, training.captions, training, sample_args)
 
     autoencoder, _, _ = load_autoencoder(str(ae_ckpt))
     held_out, _ = read_images(data_cfg["val_shards"], resolution)
-    reconstruction = autoencoder.decode(autoencoder.encode(held_out).mode())
-    report["heldout_psnr_db"] = float(psnr(held_out, reconstruction).mean())
+    report["heldout_psnr_db"] = float(reconstruction_psnr(autoencoder, held_out).mean())
     report["stage1_final_rec_loss"] = final_loss(args.run / "autoencoder" / "csv" / "metrics.csv", "train/rec_loss")
     report["stage2_final_loss"] = final_loss(args.run / "ldm" / "csv" / "metrics.csv", "train/loss")
-    report["num_training_emoji"] = len(train_captions)
+    report["num_training_emoji"] = len(training.captions)
     report["num_heldout_emoji"] = len(held_out)
 
     print(f"{'caption':40s} own emoji nearest?")

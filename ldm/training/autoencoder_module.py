@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.evaluation.emoji import psnr
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.autoencoder_loss import AutoencoderLoss
 from ldm.training.gradients import clip_and_measure
@@ -21,12 +22,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, DictConfig) or OmegaConf.is_config(value):
         return OmegaConf.to_container(value, resolve=True)
     return value
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2): (B,)."""
-    mse = (x.float().clamp(-1, 1) - y.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
 class AutoencoderModule(L.LightningModule):
