@@ -25,6 +25,8 @@ TINY_LDM = [
     "callbacks.sample_images.prompts=[red apple,snowman]",
     # a few large steps, so that the text context visibly changes the samples
     "model.lr_schedule.warmup_steps=0", "model.optimizer.lr=0.01", "model.ema.decay=0.5",
+    # the evaluation callback measures once, at the end, on 2-step samples
+    "evaluation.steps=2", "callbacks.evaluation.at_train_start=false",
 ]
 
 

@@ -458,7 +458,7 @@ def test_train_py_logs_evaluation_curves_of_both_stages_and_under_ddp(tmp_path):
     val/psnr logs at the same weights), stage 2 the top-1 rate and FID/KID against the shipped emoji statistics
     (random Inception, seed 0) to CSV and wandb against the image count; a 2-process DDP run measures the
     untrained model as one process does."""
-    from test_train import TINY_DATA, TINY_LDM, run
+    from cli import TINY_DATA, TINY_LDM, run
 
     data = f"paths.data_dir={tmp_path / 'data'}"
     ae = tmp_path / "ae"
