@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.evaluation.emoji import psnr
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.autoencoder_loss import AutoencoderLoss
+from ldm.training.grad_clip import clip_gradients
 from ldm.training.images import grid_image, log_image
 from ldm.training.lr_schedule import build_lr_scheduler
 
@@ -127,6 +128,9 @@ class AutoencoderModule(L.LightningModule):
         total = None if total is None or math.isinf(total) else int(total)
         scheduler = build_lr_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)

@@ -31,6 +31,7 @@ from ldm.modules.unet import UNetModel
 from ldm.training.autoencoder_module import plain
 from ldm.training.checkpoint import load_checkpoint
 from ldm.training.ema import EMA
+from ldm.training.grad_clip import clip_gradients
 from ldm.training.lr_schedule import build_lr_scheduler
 from ldm.training.rng import rng_state, sample_generators, set_rng_state
 
@@ -474,7 +475,7 @@ class DiffusionModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         fsdp = self._fsdp_root()
         if fsdp is None or not gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(f"trainer=fsdp clips gradients by norm only, got {gradient_clip_algorithm!r}")
