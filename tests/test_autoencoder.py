@@ -116,3 +116,17 @@ def test_lpips_loads_from_local_files(tmp_path):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(metric(x, x), torch.zeros(2))
     assert (metric(x, x.flip(-1)) > 0).all()
+
+
+def test_discriminator_takes_part_in_every_backward_before_it_starts():
+    """Under DDP every parameter needs a gradient in every backward: before disc_start the discriminator's loss
+    enters with weight 0 (CompVis's disc_factor 0), so it gets zero gradients and the autoencoder its own."""
+    from ldm.training.autoencoder_module import AutoencoderModule
+
+    module = AutoencoderModule(autoencoder=SMALL, loss={"disc_enabled": True, "disc_start": 10, "disc_channels": 8},
+                               log_images_every_n_steps=0)
+    module.training_step({"image": torch.rand(2, 3, 32, 32) * 2 - 1}, 0).backward()
+    disc = list(module.loss.discriminator.parameters())
+    assert all(p.grad is not None and not p.grad.any() for p in disc)
+    assert all(p.grad is not None for p in module.autoencoder.parameters())
+    assert any(p.grad.any() for p in module.autoencoder.parameters())
