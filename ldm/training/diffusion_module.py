@@ -14,6 +14,7 @@ import math
 import os
 import random
 from contextlib import nullcontext
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -61,11 +62,21 @@ def trainable_config(conditioner: dict) -> dict:
 
 
 def load_autoencoder(ckpt_path: str) -> tuple[AutoencoderKL, dict, float | None]:
-    """The stage-1 autoencoder from a checkpoint: (model, its config, the measured latent std or None)."""
+    """The frozen autoencoder: (model, its config, the measured latent std or None).
+
+    ``ckpt_path``: a stage-1 checkpoint of this framework, or Stable Diffusion's autoencoder in a diffusers
+    folder (vae/) or an SD single file (first_stage_model.*), as MLPerf's SD benchmark takes it from SD2's
+    checkpoint. Imported autoencoders bring their latent scale factor (0.18215 for SD's KL-f8)."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir() or path.suffix == ".safetensors":
+        return _imported_autoencoder(path)
     ckpt = load_checkpoint(ckpt_path, "autoencoder checkpoint (autoencoder.ckpt_path)")
     hparams = ckpt.get("hyper_parameters", {})
     if "autoencoder" not in hparams:
-        raise ValueError(f"{ckpt_path} is not a stage-1 checkpoint of this framework (no 'autoencoder' hyperparameters)")
+        if any(str(k).startswith("first_stage_model.") for k in ckpt.get("state_dict", {})):
+            return _imported_autoencoder(path)
+        raise ValueError(f"{ckpt_path} is neither a stage-1 checkpoint of this framework (no 'autoencoder' "
+                         "hyperparameters) nor a Stable Diffusion file with an autoencoder (first_stage_model.*)")
     config = dict(hparams["autoencoder"])
     model = AutoencoderKL(**config)
     prefix = "autoencoder."
@@ -73,6 +84,17 @@ def load_autoencoder(ckpt_path: str) -> tuple[AutoencoderKL, dict, float | None]
     model.load_state_dict(state, strict=True)
     latent_std = ckpt["state_dict"].get("latent_std")
     return model, config, None if latent_std is None else float(latent_std)
+
+
+def _imported_autoencoder(path: Path) -> tuple[AutoencoderKL, dict, None]:
+    from ldm.convert import convert
+    from ldm.convert.parts import build_autoencoder
+
+    converted = convert(path)
+    if converted.autoencoder_state is None:
+        raise ValueError(f"autoencoder.ckpt_path {path} holds no autoencoder (no vae/ folder or first_stage_model.*)")
+    config = dict(converted.autoencoder_config)
+    return build_autoencoder(config, converted.autoencoder_state), config, None
 
 
 class DiffusionModule(L.LightningModule):
