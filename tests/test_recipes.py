@@ -5,6 +5,7 @@ required files, and trains for two steps on the CPU as `train.py experiment=NAME
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -263,3 +264,34 @@ def test_sd_finetune_512_trains_two_steps_from_imported_weights(files):
     ema = {k[10:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.model.")}
     assert unet.keys() == ema.keys() and any(not torch.equal(unet[k], ema[k]) for k in unet)
     assert list((out / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_throughput_script_runs_at_cpu_size(tmp_path):
+    proc = run("bench/recipe_throughput.py", "--tiny", "--device", "cpu", "--steps", "3", "--warmup", "1",
+               "--batch-per-device", "2", "--samples", "8", "--workdir", str(tmp_path), env=ONE_THREAD)
+    results = dict(line[len("RESULT "):].split("=") for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    assert {"images_per_s_per_device", "seconds_per_step", "train_gflops_per_image"} <= set(results)
+    measured = json.loads((tmp_path / "throughput.json").read_text())
+    assert measured["steps"] == 2 and measured["images_per_step"] == 2  # steps 2 and 3 of batch 2 timed
+
+
+def test_recipe_costs_prints_a_table_per_recipe(capsys):
+    from bench.recipe_costs import main
+
+    main()  # the script's main, in this process
+    out = capsys.readouterr().out
+    for name in RECIPES:
+        assert f"### {name}" in out
+    results = {k: float(v) for k, v in (line[len("RESULT "):].split("=") for line in out.splitlines()
+                                        if line.startswith("RESULT "))}
+    # 3 × forward; the forward is bench/flops.py's count, itself checked against torch's FLOP counter there
+    assert results["sd2_v_512_train_gflops_per_image"] == pytest.approx(
+        3 * results["sd2_v_512_forward_gflops_per_image"], rel=1e-5)
+    # GPU-hours = images / (images/s per GPU) / 3600 at the anchors' numbers
+    assert results["sd2_v_512_h100_hours"] == pytest.approx(2_560_000 / 136 / 3600, rel=1e-5)
+    assert results["sd2_base_256_a100_hours"] == pytest.approx(550_000 * 2048 / (1100 / 8) / 3600, rel=1e-5)
+    assert "torchrun --nnodes 8" in out and "hydra/launcher=slurm" in out
+    # 8 GPUs at sd2_v_512's 512 images per step: 8 per GPU, 8 steps accumulated (MLPerf fits 8 per GPU)
+    assert "global batch 512 = 8 × 8 × 8 accumulated" in out
+
