@@ -233,6 +233,27 @@ def test_sd2_recipe_trains_two_steps_on_cached_latents(name, prediction, files, 
 
 
 @pytest.mark.slow
+def test_sd2_v_512_under_fsdp_samples_and_evaluates_its_gathered_unet(files, cached_latents):
+    """trainer=fsdp over 2 CPU processes: the U-Net is sharded and the recipe keeps no EMA, so the evaluation and
+    the sample grid run on its gathered weights; the CLIP score equals evaluate.py's on the saved checkpoint in
+    one process. (fp32: Lightning's FSDP autocast is CUDA's, so bf16-mixed FSDP runs on GPUs only.)"""
+    out = files["root"] / "fsdp"
+    clip = ["evaluation.clip.arch=ViT-S-32-alt", "evaluation.clip.random_seed=0", "evaluation.steps=2"]
+    overrides = [o for o in stage2_overrides(files, cached_latents) if not o.startswith(("trainer.devices=",
+                                                                                        "global_batch_size="))]
+    run("train.py", "experiment=sd2_v_512", "trainer=fsdp", "trainer.devices=2", "trainer.precision=32",
+        "global_batch_size=4", *overrides, *clip, "callbacks.evaluation.every_n_images=4", f"hydra.run.dir={out}",
+        env=ONE_THREAD)
+    log = (out / "sd2_v_512.log").read_text()
+    scores = [float(x) for x in re.findall(r"evaluation at \d+ images \(step \d\): clip_score=([-\d.e]+)", log)]
+    assert len(scores) == 2 and list((out / "images").glob("samples_*.png"))
+    proc = run("evaluate.py", f"ckpt={out / 'checkpoints' / 'last.ckpt'}", *clip, "evaluation.cfg_scale=8.0",
+               "evaluation.batch_size=32", f"out={out / 'evaluated'}", "device=cpu", env=ONE_THREAD)
+    report = json.loads((out / "evaluated" / "evaluation.json").read_text())
+    assert report["checkpoints"][0]["clip_score"] == pytest.approx(scores[-1], abs=1e-6), proc.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_sd_autoencoder_f8_trains_two_steps_with_lpips_and_the_discriminator(files):
     out = files["root"] / "stage1"
     run("train.py", "experiment=sd_autoencoder_f8", *R.CPU, *R.AUTOENCODER, f"data.train_shards={files['shards']}",

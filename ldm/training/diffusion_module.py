@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import hydra
@@ -31,7 +31,7 @@ from ldm.modules.lora import LoRASettings, add_lora
 from ldm.modules.unet import UNetModel
 from ldm.training.autoencoder_module import plain
 from ldm.training.checkpoint import load_checkpoint
-from ldm.training.ema import EMA
+from ldm.training.ema import EMA, clean_name
 from ldm.training.grad_clip import clip_gradients
 from ldm.training.lr_schedule import build_lr_scheduler
 from ldm.training.rng import rng_state, sample_generators, set_rng_state
@@ -220,6 +220,8 @@ class DiffusionModule(L.LightningModule):
         self.skipped_nonfinite = 0
         self._uncond_context: tuple[torch.Tensor, torch.Tensor] | None = None
         self._skip_update = False
+        # see sampling_weights; set past nn.Module.__setattr__, so the copy never becomes a submodule
+        object.__setattr__(self, "_gathered_unet", None)
         self.register_load_state_dict_pre_hook(DiffusionModule._fill_frozen_conditioner)
         self.hparams.pop("compile", None)
         if compile:
@@ -546,4 +548,32 @@ class DiffusionModule(L.LightningModule):
     # -- inference --------------------------------------------------------------------------------------------
 
     def sampling_unet(self, use_ema: bool = True) -> UNetModel:
+        if self._gathered_unet is not None:
+            return self._gathered_unet
         return self.ema.model if (use_ema and self.ema is not None) else self.unet
+
+    @contextmanager
+    def sampling_weights(self, use_ema: bool = True):
+        """Within it, ``sampling_unet(use_ema)`` is a whole network on every rank. Under trainer=fsdp the trained
+        U-Net holds only this rank's shards between steps; with no EMA copy to sample from (the EMA stays whole),
+        its gathered weights go into a temporary unsharded copy. Gathering is a collective: every rank enters,
+        whether it samples or not."""
+        fsdp = self._fsdp_root()
+        if fsdp is None or (use_ema and self.ema is not None):
+            yield
+            return
+        with torch.device("meta"):
+            copy = UNetModel(**self.hparams.unet)
+        lora = LoRASettings.parse(self.hparams.get("lora"))
+        if lora.enabled:
+            add_lora(copy, lora.rank, lora.alpha, lora.dropout, lora.target_modules, "U-Net (sampling copy)")
+        with FullyShardedDataParallel.summon_full_params(fsdp, writeback=False):
+            # Names as EMA.update maps them: without the wrappers' prefixes.
+            state = {clean_name(k): v.detach().clone() for k, v in [*self.unet.named_parameters(),
+                                                                    *self.unet.named_buffers()]}
+        copy.load_state_dict(state, strict=True, assign=True)
+        object.__setattr__(self, "_gathered_unet", copy.requires_grad_(False).eval())
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_gathered_unet", None)

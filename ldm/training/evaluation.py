@@ -166,8 +166,10 @@ class EvaluateImages(L.Callback):
                     from ldm.pipeline import LatentDiffusionPipeline
 
                     use_ema = self.use_ema and getattr(pl_module, "ema", None) is not None
-                    pipe = LatentDiffusionPipeline.from_module(pl_module, use_ema=use_ema)
-                    metrics = self.evaluator.evaluate_pipeline(pipe, self.prompts)
+                    # under trainer=fsdp without an EMA: the U-Net's weights gathered (every rank is here)
+                    with pl_module.sampling_weights(use_ema):
+                        pipe = LatentDiffusionPipeline.from_module(pl_module, use_ema=use_ema)
+                        metrics = self.evaluator.evaluate_pipeline(pipe, self.prompts)
         finally:
             pl_module.train(was_training)
         self._log(trainer, metrics)
