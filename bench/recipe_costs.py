@@ -135,14 +135,18 @@ def commands(name: str, global_batch: int, gpu_hours: float | None) -> list[str]
         if accumulate > 1:
             extra.append(f"trainer.accumulate_grad_batches={accumulate}")
         args = f"experiment={name} {REQUIRED[name]} {' '.join(extra)}"
-        wall = f", about {hours(gpu_hours / gpus)} at the anchor's throughput" if gpu_hours else ""
+        # A recipe whose length is in steps trains on more images when its batch grows to fill the GPUs.
+        scaled = gpu_hours * batch / global_batch if gpu_hours else None
+        wall = f", about {hours(scaled / gpus)} at the anchor's throughput" if gpu_hours else ""
+        if batch != global_batch:
+            wall += f" (the recipe's steps at {batch} images each)"
         lines.append(f"# {gpus} GPUs ({nodes} × 8): global batch {batch} = {gpus} × {per_gpu} × {accumulate} "
                      f"accumulated{wall}")
         launch = "--standalone" if nodes == 1 else f"--nnodes {nodes} --node_rank $NODE_RANK --master_addr $MAIN " \
                                                    "--master_port 29500"
         lines.append(f"torchrun {launch} --nproc_per_node 8 train.py {args} hydra.run.dir=/shared/runs/{name}")
         # SLURM's limit: 1.2 × the estimated time, from 1 h to 2 days (resume longer runs with ckpt_path=...)
-        timeout = 2880 if not gpu_hours else min(2880, max(60, math.ceil(gpu_hours / gpus * 60 * 1.2)))
+        timeout = 2880 if not gpu_hours else min(2880, max(60, math.ceil(scaled / gpus * 60 * 1.2)))
         lines.append(f"python train.py -m hydra/launcher=slurm {args} hydra.launcher.partition=gpu "
                      f"hydra.launcher.timeout_min={timeout}")
     return lines
@@ -216,7 +220,8 @@ def main() -> None:
                       f"({estimate['tflops']:,.0f}) at this resolution's FLOPs = {estimate['images_per_s']:,.0f} "
                       "images/s per H100 |")
         else:
-            print("| GPU-hours | no anchor throughput: measure it with bench/recipe_throughput.py-style timing |")
+            print("| GPU-hours | no anchor throughput: time a few hundred steps with the MeasureThroughput callback "
+                  "(ldm/training/throughput.py) |")
         print("\n```bash")
         print("\n".join(r["commands"]))
         print("```\n")
