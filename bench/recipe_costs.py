@@ -124,7 +124,9 @@ def plan(global_batch: int, gpus: int, micro: int) -> tuple[int, int, int]:
     return global_batch, accumulate, per_gpu // accumulate
 
 
-def commands(name: str, global_batch: int, gpu_hours: float | None) -> list[str]:
+def commands(name: str, global_batch: int, gpu_hours: float | None, run_gpu_hours: float | None) -> list[str]:
+    """torchrun and SLURM commands for 8 and 64 GPUs. gpu_hours: to the anchor's image count; run_gpu_hours: the
+    recipe's whole length (trainer.max_steps), which sets SLURM's time limit."""
     lines = []
     for gpus in (8, 64):
         nodes = gpus // 8
@@ -136,8 +138,10 @@ def commands(name: str, global_batch: int, gpu_hours: float | None) -> list[str]
             extra.append(f"trainer.accumulate_grad_batches={accumulate}")
         args = f"experiment={name} {REQUIRED[name]} {' '.join(extra)}"
         # A recipe whose length is in steps trains on more images when its batch grows to fill the GPUs.
-        scaled = gpu_hours * batch / global_batch if gpu_hours else None
-        wall = f", about {hours(scaled / gpus)} at the anchor's throughput" if gpu_hours else ""
+        scale = batch / global_batch
+        wall = f", about {hours(gpu_hours * scale / gpus)} at the anchor's throughput" if gpu_hours else ""
+        if gpu_hours and run_gpu_hours and run_gpu_hours > gpu_hours * 1.01:
+            wall += f" ({hours(run_gpu_hours * scale / gpus)} for all of trainer.max_steps)"
         if batch != global_batch:
             wall += f" (the recipe's steps at {batch} images each)"
         lines.append(f"# {gpus} GPUs ({nodes} × 8): global batch {batch} = {gpus} × {per_gpu} × {accumulate} "
@@ -146,7 +150,8 @@ def commands(name: str, global_batch: int, gpu_hours: float | None) -> list[str]
                                                    "--master_port 29500"
         lines.append(f"torchrun {launch} --nproc_per_node 8 train.py {args} hydra.run.dir=/shared/runs/{name}")
         # SLURM's limit: 1.2 × the estimated time, from 1 h to 2 days (resume longer runs with ckpt_path=...)
-        timeout = 2880 if not gpu_hours else min(2880, max(60, math.ceil(scaled / gpus * 60 * 1.2)))
+        run = (run_gpu_hours or gpu_hours or 0) * scale / gpus
+        timeout = 2880 if not run else min(2880, max(60, math.ceil(run * 60 * 1.2)))
         lines.append(f"python train.py -m hydra/launcher=slurm {args} hydra.launcher.partition=gpu "
                      f"hydra.launcher.timeout_min={timeout}")
     return lines
@@ -172,10 +177,12 @@ def recipe_costs(name: str) -> dict[str, Any]:
         out["train_flops"] = 3 * out["forward_flops"]
     rate = anchor["images_per_s_per_gpu"]
     out["gpu_hours"] = anchor["images"] / rate / 3600 if rate and anchor["images"] else None
+    run_images = int(cfg.trainer.max_steps) * out["global_batch"]
+    out["run_gpu_hours"] = run_images / rate / 3600 if rate else None
     # An estimated throughput implies nothing about utilisation.
     out["implied_mfu"] = rate * out["train_flops"] / PEAK[anchor["gpu"]] if rate and not anchor.get("estimate") \
         else None
-    out["commands"] = commands(name, out["global_batch"], out["gpu_hours"])
+    out["commands"] = commands(name, out["global_batch"], out["gpu_hours"], out["run_gpu_hours"])
     return out
 
 
