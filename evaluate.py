@@ -32,13 +32,9 @@ COLUMNS = ["ckpt", "step", "images_seen", "fid", "kid", "kid_std", "clip_score",
 
 def read_prompts(path: str | None, pipe) -> list[str]:
     if path:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"prompts file not found: {file}")
-        prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompts file {file} holds no prompts")
-        return prompts
+        from ldm.evaluation.prompts import read_prompts as read_file
+
+        return read_file(path)  # one per line, or a .tsv/.csv with a caption column (MLPerf's COCO subset)
     prompts = list(pipe.defaults.get("prompts") or [])
     if not prompts:
         raise ValueError("the checkpoint has no sampling.prompts: give prompts=FILE (one prompt per line)")

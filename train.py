@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ldm.cli_errors import friendly_errors
 from ldm.cli_overrides import quote_brace_patterns
@@ -60,6 +60,20 @@ def missing_values(cfg: DictConfig, groups: tuple[str, ...]) -> list[str]:
     return found
 
 
+def unset_required(cfg: DictConfig) -> list[str]:
+    """The keys an experiment lists under ``required`` that are still null or ``???``. (A ``???`` in an
+    experiment cannot make a key required whose group default is null: merging ``???`` keeps the old value.)"""
+    found = []
+    for key in cfg.get("required") or []:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except OmegaConfBaseException:  # ??? itself, or an interpolation that leads to one
+            value = None
+        if value is None:
+            found.append(f"{key} (set {key}=...)")
+    return found
+
+
 def load_init(cfg: DictConfig):
     """``init_from=PATH``: imported weights a stage-2 run starts from (see ldm.training.init_from), or None."""
     if not cfg.get("init_from"):
@@ -87,16 +101,18 @@ def check_data_sizes(datamodule, model) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    # Required top-level values (e.g. DreamBooth's init_from, instance_data, instance_prompt), all named at once.
+    # Required values fail here, all named at once with the key to set, before any work is done: the
+    # experiment's `required` list, top-level ??? (e.g. DreamBooth's instance_data) and ??? in the groups.
     top_level = [f"{k} (set {k}=...)" for k in cfg if OmegaConf.is_missing(cfg, k)]
-    if top_level:
-        raise ValueError("missing required value(s): " + "; ".join(top_level))
-    if cfg.get("init_from") and OmegaConf.is_missing(cfg.autoencoder, "ckpt_path"):
+    init_given = "init_from" in cfg and not OmegaConf.is_missing(cfg, "init_from") and cfg.init_from
+    if init_given and OmegaConf.is_missing(cfg.autoencoder, "ckpt_path"):
         cfg.autoencoder.ckpt_path = None  # the imported weights bring their autoencoder
-    # A missing required value fails here, naming the key to set, before any work is done.
-    missing = missing_values(cfg, ("data", "model", "callbacks", "logger", "trainer"))
-    if missing:
-        raise ValueError("missing required value(s): " + "; ".join(missing))
+    missing = unset_required(cfg) + top_level + missing_values(cfg, ("data", "model", "callbacks", "logger", "trainer"))
+    named = {}  # key → message: a key the experiment lists that is also ??? is named once
+    for message in missing:
+        named.setdefault(message.split(" ")[0], message)
+    if named:
+        raise ValueError("missing required value(s): " + "; ".join(named.values()))
     check_train_config(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
     init = load_init(cfg)
     if init is not None and "resolution" in cfg.data and cfg.data.resolution is None:

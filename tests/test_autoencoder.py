@@ -116,3 +116,34 @@ def test_lpips_loads_from_local_files(tmp_path):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(metric(x, x), torch.zeros(2))
     assert (metric(x, x.flip(-1)) > 0).all()
+
+
+def test_lpips_reads_vgg16_convolutions_alone_and_names_a_wrong_file(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from ldm.modules.lpips import LPIPS
+
+    # VGG16's convolutions alone, as torchvision names them (its 124 M-parameter classifier plays no part)
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, tmp_path / "vgg.pth")
+    lin = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(lin, tmp_path / "lin.pth")
+    metric = LPIPS(tmp_path / "vgg.pth", tmp_path / "lin.pth")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(metric(x, x), torch.zeros(2)) and (metric(x, x.flip(-1)) > 0).all()
+    torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="wrong.pth: not a torchvision vgg16 state dict"):
+        LPIPS(tmp_path / "wrong.pth", tmp_path / "lin.pth")
+
+
+def test_discriminator_takes_part_in_every_backward_before_it_starts():
+    """Under DDP every parameter needs a gradient in every backward: before disc_start the discriminator's loss
+    enters with weight 0 (CompVis's disc_factor 0), so it gets zero gradients and the autoencoder its own."""
+    from ldm.training.autoencoder_module import AutoencoderModule
+
+    module = AutoencoderModule(autoencoder=SMALL, loss={"disc_enabled": True, "disc_start": 10, "disc_channels": 8},
+                               log_images_every_n_steps=0)
+    module.training_step({"image": torch.rand(2, 3, 32, 32) * 2 - 1}, 0).backward()
+    disc = list(module.loss.discriminator.parameters())
+    assert all(p.grad is not None and not p.grad.any() for p in disc)
+    assert all(p.grad is not None for p in module.autoencoder.parameters())
+    assert any(p.grad.any() for p in module.autoencoder.parameters())

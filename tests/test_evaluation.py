@@ -375,6 +375,42 @@ def test_callback_is_off_without_measures_and_fails_early_on_missing_files(tiny_
             tiny_ldm.module(tiny_ldm.autoencoder_ckpt(tmp_path)), tiny_ldm.Data())
 
 
+def test_prompts_file_reads_lines_and_mlperf_tsv(tmp_path):
+    from ldm.evaluation.prompts import read_prompts
+
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog \n")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    # val2014_30k.tsv as MLPerf's coco-split-resize.py writes it (pandas, tab-separated, quoted when needed)
+    (tmp_path / "coco.tsv").write_text('image_id\tid\tcaption\n9\t48\tA man on a bike.\n'
+                                       '25\t59\t"A ""quoted"" giraffe\teating"\n')
+    assert read_prompts(tmp_path / "coco.tsv") == ["A man on a bike.", 'A "quoted" giraffe eating']
+    (tmp_path / "bad.tsv").write_text("image_id\ttext\n1\tx\n")
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        read_prompts(tmp_path / "bad.tsv")
+
+
+def test_evaluation_targets_stop_training_once_met(tmp_path, caplog):
+    from ldm.training.evaluation import EvaluateImages
+
+    (tmp_path / "prompts.tsv").write_text("id\tcaption\n1\t0\n2\t1\n")  # the tiny model's captions: class labels
+    evaluator = Evaluator(clip={"arch": "ViT-S-32-alt", "random_seed": 0}, steps=2, batch_size=2)
+
+    def steps_trained(targets: dict) -> int:
+        callback = EvaluateImages(evaluator, every_n_images=8, prompts_file=str(tmp_path / "prompts.tsv"),
+                                  targets=targets, at_train_end=False)
+        trainer = tiny_ldm.trainer(tmp_path, max_steps=5, callbacks=[callback])
+        trainer.fit(tiny_ldm.module(tiny_ldm.autoencoder_ckpt(tmp_path)), tiny_ldm.Data())
+        assert callback.prompts == ["0", "1"]
+        return trainer.global_step
+
+    assert steps_trained({"clip_score": -1.0}) == 2  # met at the first evaluation, after 8 images
+    with caplog.at_level("WARNING"):
+        assert steps_trained({"clip_score": -1.0, "fid": 1e9}) == 5  # FID is off: never met
+    assert "the targets for fid can never be met" in caplog.text
+    with pytest.raises(ValueError, match="unknown measures"):
+        EvaluateImages(evaluator, targets={"psnr": 20})
+
+
 # -- evaluate.py ----------------------------------------------------------------------------------------------------
 
 

@@ -169,6 +169,29 @@ def _one_line_error(caplog, fn) -> str:
     return messages[0]
 
 
+def test_autoencoder_ckpt_path_takes_stable_diffusion_weights(tiny, tmp_path):
+    """A stage-2 run can take SD's autoencoder alone (MLPerf's SD benchmark: SD2's VAE, a new U-Net)."""
+    import shutil
+
+    from tiny_sd import VAE
+
+    from ldm.convert import convert
+    from ldm.training.diffusion_module import load_autoencoder
+
+    sources = {"diffusers": tiny["diffusers"], "single_file": tiny["single_file"]}
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    for kind, path in sources.items():
+        model, config, latent_std = load_autoencoder(str(path))
+        expected = convert(path).autoencoder_state
+        assert config["scale_factor"] == VAE["scale_factor"] and latent_std is None, kind
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, expected[key].float(), rtol=0, atol=0)
+        assert model.encode(x).mean.shape == (1, 4, 8, 8)
+    shutil.copytree(sources["diffusers"], tmp_path / "no_vae", ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(ValueError, match="no_vae holds no autoencoder"):
+        load_autoencoder(str(tmp_path / "no_vae"))
+
+
 def test_init_from_errors_are_one_line(tiny, tmp_path, caplog):
     from ldm.modules.autoencoder import AutoencoderKL
     from tiny_sd import VAE

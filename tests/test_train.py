@@ -195,9 +195,10 @@ def test_every_experiment_composes_and_is_smoke_tested():
     from hydra import compose, initialize_config_dir
 
     experiments = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-    # Each experiment must have a run in the test suite (here; dreambooth: tests/test_finetune.py); add one when
-    # adding an experiment.
-    smoke_tested = {"emoji_autoencoder", "emoji_ldm", "dreambooth"}
+    # Each experiment must have a run in the test suite (here; dreambooth: tests/test_finetune.py; the Stable
+    # Diffusion recipes: tests/test_recipes.py); add one when adding an experiment.
+    smoke_tested = {"emoji_autoencoder", "emoji_ldm", "dreambooth",
+                    "sd2_base_256", "sd2_v_512", "sd_autoencoder_f8", "sd_finetune_512"}
     assert set(experiments) == smoke_tested
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         for name in experiments:

@@ -142,6 +142,27 @@ def test_an_optimizer_without_the_default_arguments_is_a_one_line_error(ae):
     assert isinstance(module.configure_optimizers()["optimizer"], torch.optim.RMSprop)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_gradients_are_clipped_with_fused_adamw_under_bf16(ae, precision, tmp_path):
+    """Gradient clipping (the trainer's default) with torch's fused AdamW (the default optimizer) under bf16-mixed
+    trains and clips: Lightning's own mixed-precision clipping refuses fused optimizers even with no loss scaler."""
+
+    class GradNorms(L.Callback):  # after the optimizer step the clipped gradients are still in place
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            grads = [p.grad.norm() for p in pl_module.trainable_parameters() if p.grad is not None]
+            self.values.append(float(torch.stack(grads).norm()))
+
+    norms = GradNorms()
+    optimizer = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "fused": True}
+    module = T.module(ae, optimizer=optimizer)
+    T.trainer(tmp_path, max_steps=2, precision=precision, gradient_clip_val=1e-3, callbacks=[norms]).fit(
+        module, T.Data())
+    assert len(norms.values) == 2 and all(0 < n <= 1e-3 * (1 + 1e-4) for n in norms.values), norms.values
+
+
 # -- non-finite losses and weights ----------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Encode a shard set once into shards of cached latents (and optionally text embeddings) for stage 2.
 
     python -m ldm.data.cache_latents SHARDS OUT_DIR --autoencoder RUN/checkpoints/last.ckpt --resolution 256 \
-        [--conditioner configs/model/conditioner/sd1_clip_l14.yaml] [--dtype float16]
+        [--conditioner configs/model/conditioner/sd1_clip_l14.yaml [--conditioner-weights FILE]] [--dtype float16]
     python train.py experiment=... data=latents data.train_shards=OUT_DIR data.resolution=256
 
 Stage 2 then skips the frozen autoencoder (and the text encoder, with --conditioner) at every step. What is
@@ -32,10 +32,12 @@ log = logging.getLogger("cache_latents")
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def load_conditioner(config_path: str, seed: int) -> torch.nn.Module:
+def load_conditioner(config_path: str, seed: int, pretrained: str | None = None) -> torch.nn.Module:
     from ldm.training.diffusion_module import build_conditioner
 
     config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    if pretrained is not None:
+        config["pretrained"] = pretrained  # the config files leave it null (random weights) or a tag
     conditioner = build_conditioner(config, seed)
     if not getattr(conditioner, "frozen", True):
         raise ValueError(f"{config_path}: a trainable conditioner cannot be cached (its output changes in training)")
@@ -55,9 +57,11 @@ def cache_latents(
     dtype: str = "float32",
     device: str = "cpu",
     num_workers: int = 2,
+    conditioner_pretrained: str | None = None,
 ) -> dict:
     """Encode every sample of ``shards`` (in order, each once) and write cached-latent shards into ``out_dir``.
-    Returns the summary also written to OUT_DIR/cache.json."""
+    Returns the summary also written to OUT_DIR/cache.json. ``conditioner_pretrained`` replaces the conditioner
+    config's ``pretrained`` (a local weights file): train with the same value of model.conditioner.pretrained."""
     from ldm.training.diffusion_module import load_autoencoder
 
     if dtype not in DTYPES:
@@ -67,7 +71,7 @@ def cache_latents(
         raise FileExistsError(f"{out_dir} already holds shards; choose an empty folder")
     autoencoder, _, _ = load_autoencoder(autoencoder_ckpt)
     autoencoder = autoencoder.to(device).eval()
-    text = load_conditioner(conditioner, conditioner_seed) if conditioner else None
+    text = load_conditioner(conditioner, conditioner_seed, conditioner_pretrained) if conditioner else None
     if text is not None:
         text = text.to(device)
     # Every sample once, in order, center-cropped: the same preprocessing as training without augmentation.
@@ -102,6 +106,7 @@ def cache_latents(
         "source_shards": expand_shards(shards), "autoencoder_ckpt": str(autoencoder_ckpt), "resolution": resolution,
         "latent_shape": list(mean.shape[1:]) if count else None, "dtype": dtype, "samples": count,
         "conditioner": conditioner, "conditioner_seed": conditioner_seed if conditioner else None,
+        "conditioner_pretrained": conditioner_pretrained if conditioner else None,
         "shards": writer.shards, "seconds": round(seconds, 2),
     }
     (out_dir / "cache.json").write_text(json.dumps(summary, indent=2))
@@ -113,10 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", help="source shards: a brace pattern, glob or folder of *.tar")
     parser.add_argument("out_dir", help="an empty folder for the cached-latent shards")
-    parser.add_argument("--autoencoder", required=True, help="the stage-1 checkpoint stage 2 will use")
+    parser.add_argument("--autoencoder", required=True, help="the autoencoder stage 2 will use, as "
+                        "autoencoder.ckpt_path (a stage-1 checkpoint, a diffusers folder or an SD single file)")
     parser.add_argument("--resolution", type=int, required=True, help="image side, as data.resolution")
     parser.add_argument("--conditioner", help="a conditioner config (configs/model/conditioner/*.yaml) whose "
                                               "text embeddings to cache as well")
+    parser.add_argument("--conditioner-weights", help="the text encoder's weights (a local file), as "
+                                                     "model.conditioner.pretrained; default: the config's")
     parser.add_argument("--conditioner-seed", type=int, default=0, help="as model.conditioner_seed")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cache_latents(args.shards, args.out_dir, args.autoencoder, args.resolution, args.conditioner,
                       args.conditioner_seed, args.batch_size, args.shard_size, args.dtype, args.device,
-                      args.num_workers)
+                      args.num_workers, args.conditioner_weights)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

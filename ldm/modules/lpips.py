@@ -1,7 +1,8 @@
 """LPIPS perceptual distance (Zhang et al. 2018), VGG16 variant, loaded only from local weight files.
 
 Nothing can be downloaded at run time, so both parts come from files the user already has:
-``vgg_path`` (torchvision's ``vgg16`` state dict) and ``lin_path`` (the lpips package's ``vgg.pth`` with the
+``vgg_path`` (torchvision's ``vgg16`` state dict, e.g. vgg16-397923af.pth; only its ``features.*`` convolutions
+are read, so a file holding just those serves too) and ``lin_path`` (the lpips package's ``vgg.pth`` with the
 five ``linN.model.1.weight`` 1×1 layers). A missing file is a clear error, never a silent random network.
 """
 
@@ -31,11 +32,18 @@ def _load(path: str | Path, what: str) -> dict:
 class LPIPS(nn.Module):
     def __init__(self, vgg_path: str | Path, lin_path: str | Path):
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
-        vgg = vgg16(weights=None)
-        vgg.load_state_dict(_load(vgg_path, "VGG16"))
-        features = vgg.features[: _STAGE_ENDS[-1]]
+        # VGG16's convolutional part alone, indexed as torchvision's vgg16().features: its 124 M-parameter
+        # classifier plays no part in LPIPS, so it is neither built nor read.
+        features = make_layers(cfgs["D"])
+        state = {k[len("features."):]: v for k, v in _load(vgg_path, "VGG16").items() if k.startswith("features.")}
+        missing = sorted(set(features.state_dict()) - set(state))
+        if missing:
+            raise ValueError(f"{vgg_path}: not a torchvision vgg16 state dict (missing features.{missing[0]} and "
+                             f"{len(missing) - 1} more)")
+        features.load_state_dict(state, strict=True)
+        features = features[: _STAGE_ENDS[-1]]
         self.stages = nn.ModuleList()
         start = 0
         for end in _STAGE_ENDS:

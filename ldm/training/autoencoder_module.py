@@ -83,6 +83,11 @@ class AutoencoderModule(L.LightningModule):
             d_loss, d_logs = self.loss.discriminator_loss(x, x_rec)
             total = total + d_loss
             logs.update(d_logs)
+        elif self.loss.discriminator is not None:
+            # Before disc_start the discriminator's loss enters with weight 0, as in CompVis's loss (disc_factor 0):
+            # under DDP every parameter must take part in every backward. The discriminator's weights stay as
+            # they are; its Adam steps count on with zero gradients, as CompVis's discriminator optimizer does.
+            total = total + 0.0 * self.loss.discriminator_loss(x, x_rec)[0]
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"non-finite autoencoder loss at step {self.global_step}: {({k: float(v) for k, v in logs.items()})}"

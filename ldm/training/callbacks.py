@@ -47,8 +47,12 @@ class SampleImages(L.Callback):
         if trainer.global_step == self._last_step or not self.prompts:
             return
         self._last_step = trainer.global_step
-        if not trainer.is_global_zero:
-            return
+        # Every rank enters: under trainer=fsdp without an EMA the U-Net's weights are gathered for sampling.
+        with pl_module.sampling_weights(self.use_ema):
+            if trainer.is_global_zero:
+                self._sample_on_this_rank(trainer, pl_module)
+
+    def _sample_on_this_rank(self, trainer: L.Trainer, pl_module) -> None:
         from ldm.pipeline import LatentDiffusionPipeline
 
         was_training = pl_module.training

@@ -13,7 +13,8 @@ import logging
 import math
 import os
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -30,7 +31,7 @@ from ldm.modules.unet import UNetModel
 from ldm.training.autoencoder_module import plain
 from ldm.training.checkpoint import load_checkpoint
 from ldm.training.divergence import resume_advice
-from ldm.training.ema import EMA
+from ldm.training.ema import EMA, clean_name
 from ldm.training.gradients import clip_and_measure, fsdp_root
 from ldm.training.lr_schedule import build_lr_scheduler
 from ldm.training.rng import rng_state, sample_generators, set_rng_state
@@ -61,11 +62,21 @@ def trainable_config(conditioner: dict) -> dict:
 
 
 def load_autoencoder(ckpt_path: str) -> tuple[AutoencoderKL, dict, float | None]:
-    """The stage-1 autoencoder from a checkpoint: (model, its config, the measured latent std or None)."""
+    """The frozen autoencoder: (model, its config, the measured latent std or None).
+
+    ``ckpt_path``: a stage-1 checkpoint of this framework, or Stable Diffusion's autoencoder in a diffusers
+    folder (vae/) or an SD single file (first_stage_model.*), as MLPerf's SD benchmark takes it from SD2's
+    checkpoint. Imported autoencoders bring their latent scale factor (0.18215 for SD's KL-f8)."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir() or path.suffix == ".safetensors":
+        return _imported_autoencoder(path)
     ckpt = load_checkpoint(ckpt_path, "autoencoder checkpoint (autoencoder.ckpt_path)")
     hparams = ckpt.get("hyper_parameters", {})
     if "autoencoder" not in hparams:
-        raise ValueError(f"{ckpt_path} is not a stage-1 checkpoint of this framework (no 'autoencoder' hyperparameters)")
+        if any(str(k).startswith("first_stage_model.") for k in ckpt.get("state_dict", {})):
+            return _imported_autoencoder(path)
+        raise ValueError(f"{ckpt_path} is neither a stage-1 checkpoint of this framework (no 'autoencoder' "
+                         "hyperparameters) nor a Stable Diffusion file with an autoencoder (first_stage_model.*)")
     config = dict(hparams["autoencoder"])
     model = AutoencoderKL(**config)
     prefix = "autoencoder."
@@ -73,6 +84,17 @@ def load_autoencoder(ckpt_path: str) -> tuple[AutoencoderKL, dict, float | None]
     model.load_state_dict(state, strict=True)
     latent_std = ckpt["state_dict"].get("latent_std")
     return model, config, None if latent_std is None else float(latent_std)
+
+
+def _imported_autoencoder(path: Path) -> tuple[AutoencoderKL, dict, None]:
+    from ldm.convert import convert
+    from ldm.convert.parts import build_autoencoder
+
+    converted = convert(path)
+    if converted.autoencoder_state is None:
+        raise ValueError(f"autoencoder.ckpt_path {path} holds no autoencoder (no vae/ folder or first_stage_model.*)")
+    config = dict(converted.autoencoder_config)
+    return build_autoencoder(config, converted.autoencoder_state), config, None
 
 
 class DiffusionModule(L.LightningModule):
@@ -197,6 +219,8 @@ class DiffusionModule(L.LightningModule):
         self.skipped_nonfinite = 0
         self._uncond_context: tuple[torch.Tensor, torch.Tensor] | None = None
         self._skip_update = False
+        # see sampling_weights; set past nn.Module.__setattr__, so the copy never becomes a submodule
+        object.__setattr__(self, "_gathered_unet", None)
         self.register_load_state_dict_pre_hook(DiffusionModule._fill_frozen_conditioner)
         self.hparams.pop("compile", None)
         if compile:
@@ -497,4 +521,32 @@ class DiffusionModule(L.LightningModule):
     # -- inference --------------------------------------------------------------------------------------------
 
     def sampling_unet(self, use_ema: bool = True) -> UNetModel:
+        if self._gathered_unet is not None:
+            return self._gathered_unet
         return self.ema.model if (use_ema and self.ema is not None) else self.unet
+
+    @contextmanager
+    def sampling_weights(self, use_ema: bool = True):
+        """Within it, ``sampling_unet(use_ema)`` is a whole network on every rank. Under trainer=fsdp the trained
+        U-Net holds only this rank's shards between steps; with no EMA copy to sample from (the EMA stays whole),
+        its gathered weights go into a temporary unsharded copy. Gathering is a collective: every rank enters,
+        whether it samples or not."""
+        fsdp = fsdp_root(self._trainer)
+        if fsdp is None or (use_ema and self.ema is not None):
+            yield
+            return
+        with torch.device("meta"):
+            copy = UNetModel(**self.hparams.unet)
+        lora = LoRASettings.parse(self.hparams.get("lora"))
+        if lora.enabled:
+            add_lora(copy, lora.rank, lora.alpha, lora.dropout, lora.target_modules, "U-Net (sampling copy)")
+        with FullyShardedDataParallel.summon_full_params(fsdp, writeback=False):
+            # Names as EMA.update maps them: without the wrappers' prefixes.
+            state = {clean_name(k): v.detach().clone() for k, v in [*self.unet.named_parameters(),
+                                                                    *self.unet.named_buffers()]}
+        copy.load_state_dict(state, strict=True, assign=True)
+        object.__setattr__(self, "_gathered_unet", copy.requires_grad_(False).eval())
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_gathered_unet", None)

@@ -13,6 +13,9 @@ from ldm.evaluation import Evaluator
 log = logging.getLogger(__name__)
 
 IMAGES_SEEN = "eval/images_seen"
+# Measures for which lower is better; a target for any other measure is a floor.
+LOWER_IS_BETTER = ("fid", "kid")
+MEASURES = ("fid", "kid", "clip_score", "top1", "heldout_psnr")
 
 
 def batch_size(batch) -> int:
@@ -32,7 +35,10 @@ class EvaluateImages(L.Callback):
     multi-process run the prompts are split over the ranks.
 
     The evaluation draws nothing from the training's random streams (they are forked around it), so turning it
-    on or off does not change what the run trains."""
+    on or off does not change what the run trains.
+
+    With ``targets`` (e.g. MLPerf's {fid: 90, clip_score: 0.15}) the run stops after the first evaluation that
+    meets all of them: fid and kid at most the target, the other measures at least."""
 
     def __init__(
         self,
@@ -43,11 +49,16 @@ class EvaluateImages(L.Callback):
         at_train_start: bool = False,
         at_train_end: bool = True,
         heldout: dict | None = None,
+        prompts_file: str | None = None,
+        targets: dict[str, float] | None = None,
     ):
         """
         evaluator: what to sample and measure (``ldm.evaluation.Evaluator``; configs/evaluation).
         every_n_images: 0 evaluates only at the start / end.
         heldout: {shards, resolution}: stage 1 (an autoencoder): PSNR of reconstructions of these images.
+        prompts_file: the prompt set instead of ``prompts``: one per line, or a .tsv/.csv with a caption column
+            (ldm.evaluation.prompts), e.g. MLPerf's 30,000 COCO-2014 captions. Read when training starts.
+        targets: {measure: value}: stop training once every one is met (fid, kid: at most; others: at least).
         """
         super().__init__()
         self.evaluator = evaluator or Evaluator()
@@ -57,6 +68,11 @@ class EvaluateImages(L.Callback):
         self.at_train_start = at_train_start
         self.at_train_end = at_train_end
         self.heldout = dict(heldout) if heldout and heldout.get("shards") else None
+        self.prompts_file = prompts_file
+        self.targets = {str(k): float(v) for k, v in (targets or {}).items()}
+        unknown = sorted(set(self.targets) - set(MEASURES))
+        if unknown:
+            raise ValueError(f"evaluation targets name unknown measures {unknown}; known: {', '.join(MEASURES)}")
         self.images_seen = 0
         self._last_evaluated = -1
         self._heldout_images = None
@@ -75,6 +91,12 @@ class EvaluateImages(L.Callback):
     # -- hooks ---------------------------------------------------------------------------------------------------
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.prompts_file and self.heldout is None:
+            from ldm.evaluation.prompts import read_prompts
+
+            self.prompts = read_prompts(self.prompts_file)
+            if trainer.is_global_zero:
+                log.info("evaluation: %d prompts from %s", len(self.prompts), self.prompts_file)
         if self.heldout is None and not self.prompts:
             if trainer.is_global_zero:
                 log.info("evaluation: off, nothing to measure (no prompts, no held-out shards)")
@@ -88,11 +110,30 @@ class EvaluateImages(L.Callback):
             if trainer.is_global_zero:
                 log.info("evaluation: off, no measure configured (configs/evaluation: inception + ref_stats, clip, "
                          "nearest)")
+                self.evaluator.say_status()  # what each measure needs
             self._enabled = False
         else:
             with torch.random.fork_rng(devices=[]):  # building the networks draws nothing from the run's stream
                 self.evaluator.prepare(pl_module.device)
             self.evaluator.say_status()
+        unmeasured = self.unmeasured_targets()
+        if unmeasured and trainer.is_global_zero:
+            log.warning("evaluation: the targets for %s can never be met, those measures are off: training runs "
+                        "to trainer.max_steps", ", ".join(unmeasured))
+
+    def unmeasured_targets(self) -> list[str]:
+        """The measures named in ``targets`` that this run does not take."""
+        taken: set[str] = set()
+        if self._enabled and self.heldout is not None:
+            taken.add("heldout_psnr")
+        elif self._enabled:
+            if self.evaluator.fid_enabled:
+                taken.update(("fid", "kid"))
+            if self.evaluator.clip_cfg is not None:
+                taken.add("clip_score")
+            if self.evaluator.nearest_cfg:
+                taken.add("top1")
+        return sorted(set(self.targets) - taken)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.at_train_start and self.images_seen == 0:
@@ -125,11 +166,29 @@ class EvaluateImages(L.Callback):
                     from ldm.pipeline import LatentDiffusionPipeline
 
                     use_ema = self.use_ema and getattr(pl_module, "ema", None) is not None
-                    pipe = LatentDiffusionPipeline.from_module(pl_module, use_ema=use_ema)
-                    metrics = self.evaluator.evaluate_pipeline(pipe, self.prompts)
+                    # under trainer=fsdp without an EMA: the U-Net's weights gathered (every rank is here)
+                    with pl_module.sampling_weights(use_ema):
+                        pipe = LatentDiffusionPipeline.from_module(pl_module, use_ema=use_ema)
+                        metrics = self.evaluator.evaluate_pipeline(pipe, self.prompts)
         finally:
             pl_module.train(was_training)
         self._log(trainer, metrics)
+        if self.targets and self.targets_met(metrics):
+            # Every rank holds the same gathered numbers, so every rank stops at the same step.
+            if trainer.is_global_zero:
+                log.info("evaluation: targets %s met at %d images (step %d): stopping", self.targets,
+                         self.images_seen, trainer.global_step)
+            trainer.should_stop = True
+
+    def targets_met(self, metrics: dict[str, float]) -> bool:
+        """Whether every target is met; a measure that was not taken (no weights for it) is not met."""
+        for name, target in self.targets.items():
+            if name not in metrics:
+                return False
+            value = metrics[name]
+            if (value > target) if name in LOWER_IS_BETTER else (value < target):
+                return False
+        return True
 
     def _log(self, trainer, metrics: dict[str, float]) -> None:
         if not trainer.is_global_zero:
