@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ldm.convert.parts import ConversionError
+from ldm.convert.key_mapping import ConversionError
 
 logger = logging.getLogger(__name__)
 
