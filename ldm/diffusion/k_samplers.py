@@ -58,7 +58,7 @@ def dpmpp_2m_timesteps(
     num_steps: int = 25,
     timestep_spacing: TimestepSpacing = "linspace",
     steps_offset: int = 0,
-    **sampler_options: Any,
+    **_other_options: Any,
 ) -> Tensor:
     """The (N,) int64 timesteps sample_dpmpp_2m visits with these options (its defaults are the same)."""
     return sampling_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset, drop_lowest=True)
@@ -70,7 +70,7 @@ def euler_ancestral_timesteps(
     num_steps: int = 50,
     timestep_spacing: TimestepSpacing = "linspace",
     steps_offset: int = 0,
-    **sampler_options: Any,
+    **_other_options: Any,
 ) -> Tensor:
     """The (N,) timesteps sample_euler_ancestral passes to its model with these options (its defaults are the
     same): int64 when they all fall on training timesteps, else float32 (fractional linspace timesteps)."""

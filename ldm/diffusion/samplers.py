@@ -47,7 +47,7 @@ def ddim_timesteps(
     num_steps: int = 50,
     timestep_spacing: TimestepSpacing = "leading",
     steps_offset: int = 1,
-    **sampler_options: Any,
+    **_other_options: Any,
 ) -> Tensor:
     """The (N,) int64 timesteps sample_ddim visits with these options (its defaults are the same)."""
     return sampling_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset)
@@ -112,7 +112,7 @@ def ddpm_timesteps(
     num_steps: int | None = None,
     timestep_spacing: TimestepSpacing = "leading",
     steps_offset: int = 0,
-    **sampler_options: Any,
+    **_other_options: Any,
 ) -> Tensor:
     """The (N,) int64 timesteps sample_ddpm visits with these options; num_steps None is every training step."""
     num_steps = schedule.num_timesteps if num_steps is None else num_steps
