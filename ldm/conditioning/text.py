@@ -148,6 +148,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
                                       error_msgs)
 
     def clear_cache(self) -> None:
+        """Forgets every cached encoding; called whenever what an encoding is may have changed."""
         self._cache = OrderedDict()
         self._empty_chunk = None
 
