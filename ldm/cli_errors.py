@@ -10,7 +10,7 @@ import sys
 from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.data.shards import NoUsableDataError
+from ldm.data.stats import NoUsableDataError
 from ldm.training.checkpoint import CheckpointError
 from ldm.training.divergence import TrainingDivergedError
 

@@ -17,211 +17,28 @@ rate-limited. Only a shard set that yields nothing usable at all is an error.
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import io
 import itertools
 import logging
 import math
-import multiprocessing
-import multiprocessing.context
-import os
 import random
-import re
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import braceexpand
 import torch
 import webdataset as wds
 from PIL import Image
 
 from ldm.data.buckets import AspectRatioBuckets, BucketTransform, batch_by_bucket
+from ldm.data.specs import ShardSpec, expand_shards, shorten
+from ldm.data.stats import SKIP_LOG, SKIP_REASONS, DataStats, NoUsableDataError
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 MissingCaption = Literal["skip", "empty"]
-ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
-
-_REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Shard specs
-# --------------------------------------------------------------------------------------------------------------
-
-
-def expand_shards(spec: ShardSpec) -> list[str]:
-    """Turn a shard spec into a list of shard URLs/paths.
-
-    Accepts a brace pattern ("data/emoji-{000000..000003}.tar"), a glob ("data/*.tar"), a local folder (all
-    `*.tar` directly inside it, sorted; sub-folders are not searched), a remote URL (`pipe:`, `s3://`, `http://`;
-    brace-expanded, not checked), or a list of any of these. Local files must exist: a typo in a range should
-    fail here, naming the spec, not as an empty epoch later.
-    """
-    if isinstance(spec, (str, os.PathLike)):
-        items: list[Any] = [spec]
-    elif isinstance(spec, Iterable):  # list, tuple, omegaconf ListConfig
-        items = list(spec)
-    else:
-        raise TypeError(f"shard spec must be a string, path or list of them, got {type(spec).__name__}")
-    if not items:
-        raise FileNotFoundError(f"shard spec {spec!r} is empty")
-
-    urls: list[str] = []
-    missing: list[str] = []
-    for item in items:
-        text = os.fspath(item)
-        if _REMOTE.match(text):
-            urls.extend(braceexpand.braceexpand(text))
-            continue
-        text = os.path.expanduser(text)
-        if os.path.isdir(text):
-            found = sorted(glob.glob(os.path.join(glob.escape(text), "*.tar")))
-            if not found:
-                raise FileNotFoundError(f"no *.tar shards in folder {text!r} (shard spec {spec!r})")
-            urls.extend(found)
-            continue
-        for path in braceexpand.braceexpand(text):
-            if _GLOB_CHARS.search(path):
-                found = sorted(glob.glob(path))
-                if found:
-                    urls.extend(found)
-                else:
-                    missing.append(path)
-            elif os.path.isfile(path):
-                urls.append(path)
-            else:
-                missing.append(path)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"shard spec {spec!r}: no shard matches {shown}")
-    if not urls:
-        raise FileNotFoundError(f"shard spec {spec!r} matched no shards")
-    return urls
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Counting and logging skipped samples
-# --------------------------------------------------------------------------------------------------------------
-
-class NoUsableDataError(RuntimeError):
-    """A shard set that yields nothing to train on (every sample skipped, or no shard readable)."""
-
-
-# Why image samples are skipped; other sample kinds name their own (e.g. cached latents: ldm.data.latents).
-SKIP_REASONS: tuple[str, ...] = ("corrupt_image", "no_image", "no_caption", "shard_error")
-
-
-class DataStats:
-    """Counts of yielded and skipped samples, shared by the DataLoader workers of one process.
-
-    The counts live in shared memory so that the training process sees what its workers skipped (with fork or
-    spawn workers). Each rank has its own; reduce across ranks if a global figure is wanted.
-      yielded        samples that reached the model
-      empty_caption  samples kept with caption "" (missing_caption="empty")
-      skipped[r]     samples dropped, by reason (``reasons``; for images: corrupt_image, no_image, no_caption,
-                     shard_error, an unreadable
-                     shard or malformed tar entry, counted once per error)
-
-    One row of counters per writer (row 0: the main process, row 1 + k: worker k), summed when read: each row has
-    a single writer, so no lock is needed, and a lock is what could not be sent to "spawn" workers from a
-    process whose default start method is "fork".
-    """
-
-    max_rows: int = 65  # the main process and 64 workers; more workers share rows (counts may then undercount)
-
-    def __init__(self, reasons: Sequence[str] = SKIP_REASONS) -> None:
-        self.reasons = tuple(reasons)
-        self._fields = ("yielded", "empty_caption") + self.reasons
-        self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(self._fields))
-
-    def add(self, name: str, n: int = 1) -> None:
-        info = torch.utils.data.get_worker_info()
-        row = 0 if info is None else 1 + info.id % (self.max_rows - 1)
-        self._counts[row * len(self._fields) + self._fields.index(name)] += n
-
-    def _get(self, name: str) -> int:
-        index = self._fields.index(name)
-        return int(sum(self._counts[index :: len(self._fields)]))
-
-    @property
-    def yielded(self) -> int:
-        return self._get("yielded")
-
-    @property
-    def empty_caption(self) -> int:
-        return self._get("empty_caption")
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        return {reason: self._get(reason) for reason in self.reasons}
-
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def as_dict(self) -> dict[str, int]:
-        """Flat counts, e.g. for `LightningModule.log_dict`: {"yielded": .., "skipped/corrupt_image": .., ...}."""
-        out = {"yielded": self.yielded, "empty_caption": self.empty_caption}
-        out.update({f"skipped/{reason}": n for reason, n in self.skipped.items()})
-        return out
-
-    def reset(self) -> None:
-        """Zero the counts (call while no worker is running)."""
-        ctypes.memset(self._counts, 0, ctypes.sizeof(self._counts))
-
-    def __repr__(self) -> str:
-        return f"DataStats(yielded={self.yielded}, empty_caption={self.empty_caption}, skipped={self.skipped})"
-
-    # Shared memory can only travel to a child process while it is being spawned. Any other pickling (e.g. a
-    # datamodule sent through ddp_spawn after use) gets a private copy of the current counts instead of failing.
-    def __getstate__(self) -> dict[str, Any]:
-        if multiprocessing.context.get_spawning_popen() is not None:
-            return {"reasons": self.reasons, "shared": self._counts}
-        return {"reasons": self.reasons, "values": list(self._counts[:])}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.reasons = state["reasons"]
-        self._fields = ("yielded", "empty_caption") + self.reasons
-        if "shared" in state:
-            self._counts = state["shared"]
-        else:
-            self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(self._fields))
-            self._counts[:] = state["values"]
-
-
-class _SkipLog:
-    """Per-process rate limit for skip warnings: the first few of each reason in full, then a summary at most
-    every `interval` seconds, so a dataset with 5% broken files does not drown the training log."""
-
-    first: int = 10
-    interval: float = 60.0
-
-    def __init__(self) -> None:
-        self.seen: dict[str, int] = {}
-        self.last: dict[str, float] = {}
-
-    def warn(self, reason: str, key: str, url: str, detail: str) -> None:
-        n = self.seen[reason] = self.seen.get(reason, 0) + 1
-        now = time.monotonic()
-        if n <= self.first:
-            logger.warning("skipped sample %r from %s: %s (%s)", key, url, reason, detail)
-            if n == self.first:
-                logger.warning("further %r skips are summarised at most every %.0f s", reason, self.interval)
-            self.last[reason] = now
-        elif now - self.last.get(reason, 0.0) >= self.interval:
-            logger.warning("%d samples skipped for %r in this process so far; latest %r from %s (%s)",
-                           n, reason, key, url, detail)
-            self.last[reason] = now
-
-
-_SKIP_LOG = _SkipLog()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,11 +69,6 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
         image.draft("RGB", (draft_size, draft_size))
     image.load()
     return image
-
-
-def _shorten(urls: Sequence[str], n: int = 4) -> str:
-    shown = ", ".join(urls[:n])
-    return shown + (f", ... ({len(urls)} shards)" if len(urls) > n else "")
 
 
 @dataclass(frozen=True)
@@ -460,7 +272,7 @@ class ShardDataset(wds.DataPipeline):
         if reading is None or reading.errors == 0:
             self.stats.add("shard_error")
             url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in self.urls), "?")
-            _SKIP_LOG.warn("shard_error", "-", url, repr(exn)[:300])
+            SKIP_LOG.warn("shard_error", "-", url, repr(exn)[:300])
         if reading is not None:
             reading.errors += 1
         return True  # continue with the next entry / shard
@@ -503,7 +315,7 @@ class ShardDataset(wds.DataPipeline):
     def _skip(self, reason: str, key: str, url: str, detail: str) -> None:
         self._pass.skipped += 1
         self.stats.add(reason)
-        _SKIP_LOG.warn(reason, key, url, detail)
+        SKIP_LOG.warn(reason, key, url, detail)
 
     def _check_usable(self, state: _Pass) -> None:
         # A resampled stream never ends, so "nothing usable" has to be decided on the way: exactly when every
@@ -579,7 +391,7 @@ class ShardDataset(wds.DataPipeline):
     def _nothing_usable_message(self, state: _Pass) -> str:
         shards = sorted(set(state.shards))
         return (
-            f"no usable samples in shards [{_shorten(shards)}] (shard spec {self.spec!r}): read {state.raw} "
+            f"no usable samples in shards [{shorten(shards)}] (shard spec {self.spec!r}): read {state.raw} "
             f"samples, skipped {state.skipped}; counts so far {self.stats.as_dict()}. Check that images decode "
             f"and have a .txt caption (missing_caption={self.missing_caption!r})."
         )
@@ -680,7 +492,7 @@ class ShardLoader:
         rank, world_size = self.shard_dataset.current_node()
         urls = self.shard_dataset.urls
         message = (
-            f"no batches from shard spec {self.shard_dataset.spec!r} ({_shorten(urls)}) "
+            f"no batches from shard spec {self.shard_dataset.spec!r} ({shorten(urls)}) "
             f"on rank {rank}/{world_size}; "
             f"{self.shard_dataset.stats.as_dict()}."
         )
