@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ldm.data.datamodule import ShardDataModule
-    from ldm.data.shards import IMAGE_EXTENSIONS, ShardDataset, ShardLoader, collate_samples, decode_image
+    from ldm.data.decoders import IMAGE_EXTENSIONS, collate_samples, decode_image
+    from ldm.data.shards import ShardDataset, ShardLoader
     from ldm.data.specs import expand_shards
     from ldm.data.stats import SKIP_REASONS, DataStats
     from ldm.data.transforms import ImageTransform, to_rgb
@@ -20,13 +21,13 @@ if TYPE_CHECKING:
 
 _EXPORTS: dict[str, str] = {
     "ShardDataModule": "ldm.data.datamodule",
-    "IMAGE_EXTENSIONS": "ldm.data.shards",
+    "IMAGE_EXTENSIONS": "ldm.data.decoders",
     "SKIP_REASONS": "ldm.data.stats",
     "DataStats": "ldm.data.stats",
     "ShardDataset": "ldm.data.shards",
     "ShardLoader": "ldm.data.shards",
-    "collate_samples": "ldm.data.shards",
-    "decode_image": "ldm.data.shards",
+    "collate_samples": "ldm.data.decoders",
+    "decode_image": "ldm.data.decoders",
     "expand_shards": "ldm.data.specs",
     "ImageTransform": "ldm.data.transforms",
     "to_rgb": "ldm.data.transforms",
