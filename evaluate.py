@@ -23,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli_errors import friendly_errors
 from ldm.config_resolvers import register_resolvers
+from ldm.evaluation.prompts import read_prompts as read_file
+from ldm.pipeline import LatentDiffusionPipeline
 
 log = logging.getLogger("evaluate")
 register_resolvers()
@@ -32,8 +34,6 @@ COLUMNS = ["ckpt", "step", "images_seen", "fid", "kid", "kid_std", "clip_score",
 
 def read_prompts(path: str | None, pipe) -> list[str]:
     if path:
-        from ldm.evaluation.prompts import read_prompts as read_file
-
         return read_file(path)  # one per line, or a .tsv/.csv with a caption column (MLPerf's COCO subset)
     prompts = list(pipe.defaults.get("prompts") or [])
     if not prompts:
@@ -83,8 +83,6 @@ def init_distributed() -> int:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    from ldm.pipeline import LatentDiffusionPipeline
-
     target = Path(cfg.ckpt).expanduser()
     if not target.exists():
         raise FileNotFoundError(f"ckpt not found: {target}")

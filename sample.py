@@ -18,6 +18,10 @@ from omegaconf import DictConfig
 from ldm.cli_errors import friendly_errors
 from ldm.cli_overrides import quote_brace_patterns
 from ldm.config_checks import check_generation_options
+from ldm.editing import (attend_and_excite, generate_with_attention_maps, prompt_to_prompt, save_attention_figure,
+                         save_edit_figure)
+from ldm.images import grid_image
+from ldm.pipeline import LatentDiffusionPipeline
 
 log = logging.getLogger("sample")
 
@@ -52,9 +56,6 @@ def generate_options(cfg: DictConfig) -> dict:
 def sample_with_attention_tools(cfg: DictConfig, pipe, prompts: list[str], out: Path) -> list[Path]:
     """Attention maps, Prompt-to-Prompt and Attend-and-Excite: one image per prompt (seed + i)."""
     from omegaconf import OmegaConf
-
-    from ldm.editing import (attend_and_excite, generate_with_attention_maps, prompt_to_prompt,
-                             save_attention_figure, save_edit_figure)
 
     options = generate_options(cfg)
     paths: list[Path] = []
@@ -97,9 +98,6 @@ def sample_with_attention_tools(cfg: DictConfig, pipe, prompts: list[str], out: 
 
 
 def sample(cfg: DictConfig) -> list[Path]:
-    from ldm.pipeline import LatentDiffusionPipeline
-    from ldm.training.images import grid_image
-
     prompts = read_prompts(cfg)
     check_generation_options(cfg.n, cfg.steps, cfg.cfg_scale, cfg.eta, cfg.guidance_rescale, cfg.batch_size)
     device = pick_device(cfg.device)

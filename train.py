@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -21,6 +22,8 @@ from ldm.cli_errors import friendly_errors
 from ldm.cli_overrides import quote_brace_patterns
 from ldm.config_checks import check_image_size, check_train_config
 from ldm.config_resolvers import register_resolvers
+from ldm.model import LatentDiffusion
+from ldm.model_parts import SourceWeights
 
 log = logging.getLogger("train")
 register_resolvers()  # before Hydra composes the config
@@ -74,20 +77,35 @@ def unset_required(cfg: DictConfig) -> list[str]:
     return found
 
 
-def load_init(cfg: DictConfig):
-    """``init_from=PATH``: imported weights a stage-2 run starts from (see ldm.training.init_from), or None."""
+def load_init(cfg: DictConfig) -> SourceWeights | None:
+    """``init_from=PATH``: the imported weights a stage-2 run starts from (LatentDiffusion.read_source), or None."""
     if not cfg.get("init_from"):
         return None
     if "unet" not in cfg.model:
         raise ValueError("init_from starts a stage-2 (text-to-image) experiment; this one trains no U-Net")
-    from ldm.training.init_from import load_init_weights
-
     log.info("Loading init_from=%s", cfg.init_from)
-    init = load_init_weights(cfg.init_from, Path(cfg.paths.output_dir) / "pretrained",
-                             use_ema=bool(cfg.get("init_from_ema", True)))
+    # Each process of a multi-process run writes its own copy of a converted text encoder, so that none reads a
+    # file another is writing; checkpoints (saved by rank 0) point at rank 0's.
+    out_dir = Path(cfg.paths.output_dir) / "pretrained"
+    if rank_zero_only.rank > 0:
+        out_dir = out_dir / f"rank{rank_zero_only.rank}"
+    init = LatentDiffusion.read_source(cfg.init_from, out_dir, use_ema=bool(cfg.get("init_from_ema", True)))
     if init.autoencoder_config is None and not cfg.autoencoder.get("ckpt_path"):
         raise ValueError(f"init_from {cfg.init_from} holds no autoencoder: set autoencoder.ckpt_path=PATH")
     return init
+
+
+def build_module(cfg: DictConfig, init: SourceWeights | None) -> L.LightningModule:
+    """The LightningModule of the stage: stage 2 gets the LatentDiffusion model its settings describe (built once,
+    from init_from's weights where given); stage 1 is built from its config."""
+    if "unet" not in cfg.model:
+        return hydra.utils.instantiate(cfg.model)
+    try:
+        module_class = hydra.utils.get_class(cfg.model._target_)
+    except Exception as e:  # noqa: BLE001 - ImportError, AttributeError, Hydra's own: all a wrong config value
+        raise ValueError(f"config error at 'model._target_': cannot import {cfg.model._target_} "
+                         f"({(str(e).splitlines() or [''])[0]})") from e
+    return module_class.from_settings(cfg.model, source=init)
 
 
 def check_data_sizes(datamodule, model) -> None:
@@ -128,7 +146,7 @@ def train(cfg: DictConfig) -> dict:
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
     log.info("Instantiating model <%s>", cfg.model._target_)
-    model = hydra.utils.instantiate(cfg.model) if init is None else hydra.utils.instantiate(cfg.model, init=init)
+    model = build_module(cfg, init)
     check_data_sizes(datamodule, model)
     callbacks = instantiate_group(cfg.get("callbacks"), "callback")
     loggers = instantiate_group(cfg.get("logger"), "logger")

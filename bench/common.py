@@ -27,19 +27,13 @@ from typing import Any
 
 import torch
 
+from ldm.convert.to_diffusers import diffusers_vae_from_ours, unet_config, vae_config
+from ldm.presets import unet_preset
+
 ROOT = Path(__file__).resolve().parents[1]
-# diffusers_oracle (the models built with our weights) lives with the tests.
-sys.path.insert(0, str(ROOT / "tests"))
 
-from diffusers_oracle import unet_config, vae_config  # noqa: E402
-
-# configs/model/unet/*.yaml as constructor arguments (sd1.yaml holds every default of UNetModel).
-UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "emoji": dict(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
-                  num_heads=4, context_dim=256),
-    "sd1": dict(num_heads=8, context_dim=768),
-    "sd2": dict(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True),
-}
+# The shapes of configs/model/unet/*.yaml (ldm/presets).
+UNET_CONFIGS: dict[str, dict[str, Any]] = {name: unet_preset(name) for name in ("emoji", "sd1", "sd2")}
 # The emoji experiment's autoencoder and SD's KL-f8 (configs/experiment/emoji_autoencoder.yaml, model/autoencoder.yaml).
 VAE_CONFIGS: dict[str, dict[str, Any]] = {
     "emoji": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4),
@@ -161,7 +155,7 @@ def build_unet(name: str, device: str = "cpu", **overrides: Any):
 def diffusers_unet_sharing(ours: torch.nn.Module, unet_kwargs: dict[str, Any]):
     """diffusers' UNet2DConditionModel at our architecture whose parameters *are* ours (the same objects).
 
-    The same key conversion as tests/diffusers_oracle.py (diffusers' own single-file converter), but the
+    The same key conversion as ldm.convert.to_diffusers (diffusers' own single-file converter), but the
     converted entries are assigned instead of copied: an SD1 U-Net and its AdamW state take 14 GB in fp32,
     and two copies would not fit next to each other on a 24 GB machine. Sharing also keeps the weights
     identical while both are trained alternately by one optimizer.
@@ -193,8 +187,6 @@ def build_vae(name: str, device: str = "cpu"):
 
 
 def diffusers_vae(ours: torch.nn.Module, vae_kwargs: dict[str, Any]):
-    from diffusers_oracle import diffusers_vae_from_ours
-
     theirs = diffusers_vae_from_ours(ours, vae_kwargs).to(next(ours.parameters()).device)
     ours_n, theirs_n = count_parameters(ours), count_parameters(theirs)
     assert ours_n == theirs_n, f"parameter counts differ: ours {ours_n:,} vs diffusers {theirs_n:,}"

@@ -44,9 +44,8 @@ ANCHORS: dict[str, dict[str, Any]] = {
                        "full length is 5.12 M",
         "gpu": "H100", "images_per_s_per_gpu": 136.0,
         "also": {"H200": 150.0},
-        "throughput_note": "the best MLPerf Training submissions per GPU (as quoted in the request this recipe "
-                           "answers): about 136 images/s per H100 and 150 per H200 at 512², U-Net only on cached "
-                           "latents and text embeddings",
+        "throughput_note": "the best MLPerf Training Stable Diffusion submissions per GPU: about 136 images/s per "
+                           "H100 and 150 per H200 at 512², U-Net only on cached latents and text embeddings",
     },
     "sd_finetune_512": {
         "images": 15_000 * 32,
@@ -146,7 +145,7 @@ def commands(name: str, global_batch: int, gpu_hours: float | None, run_gpu_hour
             wall += f" (the recipe's steps at {batch} images each)"
         lines.append(f"# {gpus} GPUs ({nodes} × 8): global batch {batch} = {gpus} × {per_gpu} × {accumulate} "
                      f"accumulated{wall}")
-        launch = "--standalone" if nodes == 1 else f"--nnodes {nodes} --node_rank $NODE_RANK --master_addr $MAIN " \
+        launch = "--standalone" if nodes == 1 else f"--nnodes {nodes} --node_rank $NODE_RANK --master_addr $MAIN_ADDR " \
                                                    "--master_port 29500"
         lines.append(f"torchrun {launch} --nproc_per_node 8 train.py {args} hydra.run.dir=/shared/runs/{name}")
         # SLURM's limit: 1.2 × the estimated time, from 1 h to 2 days (resume longer runs with ckpt_path=...)

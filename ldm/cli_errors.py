@@ -10,9 +10,8 @@ import sys
 from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.data.shards import NoUsableDataError
-from ldm.training.checkpoint import CheckpointError
-from ldm.training.divergence import TrainingDivergedError
+from ldm.data.stats import NoUsableDataError
+from ldm.errors import UserError
 
 log = logging.getLogger("ldm")
 
@@ -20,9 +19,8 @@ log = logging.getLogger("ldm")
 USER_ERRORS = (
     OmegaConfBaseException,
     HydraException,
-    CheckpointError,
+    UserError,  # CheckpointError, TrainingDivergedError, ...
     NoUsableDataError,
-    TrainingDivergedError,
     FileNotFoundError,
     FloatingPointError,
     ValueError,

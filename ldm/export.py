@@ -13,20 +13,16 @@ read it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from ldm.training.checkpoint import CheckpointError, load_checkpoint
+from ldm.model_io import EXPORT_WEIGHTS, export_weights_path, load_export, write_export
+from ldm.weights_io import CheckpointError, load_checkpoint
 
-FORMAT = "ldm-export-v1"
-WEIGHTS = "model.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -34,8 +30,6 @@ def export(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool = True, dty
     """Write the export of ``ckpt_path`` into ``out_dir``; returns {"weights": path, "tensors", "bytes", ...}."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    from safetensors.torch import save_file
-
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path, "checkpoint")
     hparams = dict(ckpt.get("hyper_parameters") or {})
@@ -48,7 +42,7 @@ def export(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool = True, dty
     for key, value in state.items():
         if key.startswith(source):
             weights["unet." + key[len(source):]] = value
-        elif not key.startswith(("unet.", "ema.")):  # autoencoder, trainable conditioner parts, latent stats
+        elif not key.startswith(("unet.", "ema.")):  # autoencoder, trainable conditioner parts
             weights[key] = value
     cast = DTYPES[dtype]
     weights = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
@@ -56,51 +50,19 @@ def export(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool = True, dty
     hparams["ema"] = None  # the exported U-Net is the average itself
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": FORMAT, "hyper_parameters": json.dumps(hparams), "source": str(ckpt_path),
-                "unet_weights": "ema" if ema else "raw", "global_step": str(ckpt.get("global_step", ""))}
-    path = out_dir / WEIGHTS
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(weights, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # safetensors creates the file private; an export is meant to be shared
-    tmp.replace(path)
+    path = out_dir / EXPORT_WEIGHTS
+    unet_weights = "ema" if ema else "raw"
+    write_export(weights, hparams, path, {"source": str(ckpt_path), "unet_weights": unet_weights,
+                                          "global_step": str(ckpt.get("global_step", ""))})
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(hparams)))
     run_config = ckpt_path.resolve().parent.parent / ".hydra" / "config.yaml"
     if run_config.is_file():
         shutil.copyfile(run_config, out_dir / "train_config.yaml")
     return {"weights": str(path), "tensors": len(weights), "bytes": path.stat().st_size,
-            "checkpoint_bytes": ckpt_path.stat().st_size, "unet_weights": metadata["unet_weights"]}
+            "checkpoint_bytes": ckpt_path.stat().st_size, "unet_weights": unet_weights}
 
 
-def export_weights_path(path: str | Path) -> Path | None:
-    """The weights file if ``path`` is an export (its folder or its model.safetensors), else None."""
-    path = Path(path).expanduser()
-    candidate = path / WEIGHTS if path.is_dir() else path
-    if candidate.suffix != ".safetensors" or not candidate.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(candidate), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - not a safetensors file: not an export
-        return None
-    return candidate if metadata.get("format") == FORMAT else None
-
-
-def load_export(path: str | Path) -> dict[str, Any]:
-    """An export as a checkpoint-like dict: {"state_dict", "hyper_parameters"} (float32 weights)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    weights = export_weights_path(path)
-    if weights is None:
-        raise CheckpointError(f"{path} is not an export of this framework (python -m ldm.export)")
-    with safe_open(str(weights), framework="pt") as f:
-        hparams = json.loads(f.metadata()["hyper_parameters"])
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-    return {"state_dict": state, "hyper_parameters": hparams}
+__all__ = ["export", "export_weights_path", "load_export"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ldm.modules.lora import ADAPTER, LoRAError, LoRASettings, save_lora
-from ldm.training.checkpoint import CheckpointError, load_checkpoint
+from ldm.weights_io import CheckpointError, load_checkpoint
 
 
 def _adapters(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -88,10 +88,10 @@ def main() -> None:
 
     def module():
         torch.manual_seed(0)
-        return DiffusionModule(unet=unet, conditioner=conditioner, schedule={}, autoencoder_ckpt=str(ae_ckpt),
-                               scale_factor=1.0, ema={"decay": 0.999},
-                               optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4},
-                               lr_schedule={"kind": "constant", "warmup_steps": 0})
+        return DiffusionModule.from_settings(dict(
+            unet=unet, conditioner=conditioner, schedule={}, autoencoder_ckpt=str(ae_ckpt), scale_factor=1.0,
+            ema={"decay": 0.999}, optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4},
+            lr_schedule={"kind": "constant", "warmup_steps": 0}))
 
     common = dict(resolution=resolution, batch_size=args.batch, num_workers=0, resampled=True,
                   epoch_length=args.batch * (args.steps + 1))

@@ -67,7 +67,7 @@ def main() -> None:
 
     from PIL import Image
 
-    from ldm.training.images import labelled_grid
+    from ldm.images import labelled_grid
 
     images = [Image.open(p) for p in rows["without"] + rows["with"]]
     labels = [f"seed {i}" for i in range(args.seeds)] + [f"seed {i}, A&E" for i in range(args.seeds)]

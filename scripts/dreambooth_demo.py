@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm.data.shards import ShardDataset  # noqa: E402
+from ldm.images import to_pil  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm.training.images import to_pil  # noqa: E402
 
 PROMPT = "a sks emoji"
 CLASS_PROMPT = "an emoji"

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.evaluation.emoji import NearestTrainingImage, read_images, reconstruction_psnr  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm.training.checkpoint import load_checkpoint  # noqa: E402
-from ldm.training.diffusion_module import load_autoencoder  # noqa: E402
+from ldm.model_parts import load_autoencoder  # noqa: E402
+from ldm.weights_io import load_checkpoint  # noqa: E402
 
 
 def final_loss(metrics_csv: Path, column: str, last: int = 50) -> float | None:

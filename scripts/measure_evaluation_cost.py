@@ -62,7 +62,7 @@ def build_pipeline(data_dir: Path, workdir: Path):
     torch.save({"hyper_parameters": {"autoencoder": ae_config}, "state_dict": state}, ckpt)
     cfg.autoencoder.ckpt_path = str(ckpt)
     cfg.model.autoencoder_ckpt = str(ckpt)
-    module = hydra.utils.instantiate(cfg.model).eval()
+    module = hydra.utils.get_class(cfg.model._target_).from_settings(cfg.model).eval()
     evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
     prompts = list(cfg.model.sampling.prompts)
     data = hydra.utils.instantiate(cfg.data)  # builds the emoji shards on first use

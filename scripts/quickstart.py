@@ -115,7 +115,7 @@ def sample_and_evaluate(out: Path) -> None:
     from PIL import Image
 
     from ldm.data.shards import ShardDataset
-    from ldm.training.images import labelled_grid, to_pil
+    from ldm.images import labelled_grid, to_pil
 
     # Each row of samples above the training emoji of the same captions, upscaled (nearest) to be seen.
     images = [Image.open(out / "samples" / f"{i:04d}.png") for i in range(len(prompts))]

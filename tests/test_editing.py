@@ -21,7 +21,6 @@ from ldm.editing import (
     global_alignment,
     prompt_to_prompt,
     replacement_mapper,
-    sample_shared_noise,
     save_attention_figure,
     save_edit_figure,
     select_layers,
@@ -29,6 +28,7 @@ from ldm.editing import (
     use_controller,
 )
 from ldm.editing.prompt_to_prompt import cross_replace_alphas
+from ldm.model import LatentDiffusion
 from ldm.modules.attention import math_attention
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.unet import UNetModel
@@ -61,7 +61,7 @@ def pipe():
             p.add_(0.05 * torch.randn_like(p))
     vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1)
     conditioner = FrozenOpenCLIPTextEncoder(arch="ViT-S-32-alt")
-    return LatentDiffusionPipeline(unet, vae, conditioner, NoiseSchedule(), image_size=16)  # latent 4×8×8
+    return LatentDiffusionPipeline(LatentDiffusion(unet, vae, conditioner, NoiseSchedule()), image_size=16)  # 4×8×8
 
 
 # ---------------------------------------------------------------------------------------------- tokens, layout
@@ -179,7 +179,7 @@ def test_hook_sees_the_math_path_probabilities(pipe):
 
 
 def test_shared_noise_sampling_is_generate(pipe):
-    ours = sample_shared_noise(pipe, [PROMPT], steps=STEPS, seed=5, sampler="euler_a")
+    ours = pipe.generate([PROMPT], shared_noise=True, steps=STEPS, seed=5, sampler="euler_a")
     theirs = pipe.generate(PROMPT, steps=STEPS, seed=5, sampler="euler_a")
     assert torch.equal(ours.latents, theirs.latents)
 

@@ -11,21 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli import ROOT, TINY_DATA, run
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors import safe_open
-from cli import ROOT, TINY_DATA, run
 from tiny_sd import UNET, write_diffusers_folder, write_single_file
 
 from ldm.cli_errors import friendly_errors
 from ldm.convert import save_single_file
 from ldm.data.dreambooth import DreamBoothDataset, class_cache_key, collate, generate_class_images, list_images
 from ldm.data.transforms import ImageTransform
+from ldm.model import LatentDiffusion
 from ldm.modules.lora import LoRASettings, add_lora, lora_parameters, lora_state_dict, save_lora
 from ldm.modules.unet import UNetModel
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.dreambooth import DreamBoothModule
-from ldm.training.init_from import load_init_weights
 
 # Tiny models: one thread per process is several times faster than two when the two cores are shared.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -60,8 +60,12 @@ def _script(name: str):
     return module
 
 
+load_init_weights = LatentDiffusion.read_source  # init_from's reading of imported weights
+
+
 def _module(init, **kwargs) -> DreamBoothModule:
-    return DreamBoothModule(unet=dict(UNET), conditioner=EMOJI_CLIP, schedule={}, init=init, **kwargs)
+    return DreamBoothModule.from_settings(dict(unet=dict(UNET), conditioner=EMOJI_CLIP, schedule={}, **kwargs),
+                                          source=init)
 
 
 # ------------------------------------------------------------------------------------------- train.py runs
@@ -176,7 +180,7 @@ def test_autoencoder_ckpt_path_takes_stable_diffusion_weights(tiny, tmp_path):
     from tiny_sd import VAE
 
     from ldm.convert import convert
-    from ldm.training.diffusion_module import load_autoencoder
+    from ldm.model_parts import load_autoencoder
 
     sources = {"diffusers": tiny["diffusers"], "single_file": tiny["single_file"]}
     x = torch.rand(1, 3, 16, 16) * 2 - 1
@@ -193,8 +197,9 @@ def test_autoencoder_ckpt_path_takes_stable_diffusion_weights(tiny, tmp_path):
 
 
 def test_init_from_errors_are_one_line(tiny, tmp_path, caplog):
-    from ldm.modules.autoencoder import AutoencoderKL
     from tiny_sd import VAE
+
+    from ldm.modules.autoencoder import AutoencoderKL
 
     message = _one_line_error(caplog, lambda: load_init_weights(tmp_path / "nope.safetensors", tmp_path))
     assert "init_from not found" in message and "nope.safetensors" in message
@@ -216,7 +221,8 @@ def test_init_from_errors_are_one_line(tiny, tmp_path, caplog):
     message = _one_line_error(caplog, lambda: _module(load_init_weights(no_text, tmp_path)))
     assert "context_dim is 64" in message and "256-wide" in message
 
-    message = _one_line_error(caplog, lambda: DreamBoothModule(unet=dict(UNET), conditioner=EMOJI_CLIP, schedule={}))
+    message = _one_line_error(caplog, lambda: DreamBoothModule.from_settings(
+        dict(unet=dict(UNET), conditioner=EMOJI_CLIP, schedule={})))
     assert "set init_from=PATH" in message
 
 

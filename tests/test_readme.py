@@ -28,6 +28,7 @@ SMALL_SHARDS = ["trainer.max_steps=2", "data.batch_size=2", "data.num_workers=0"
 SMALL_OWN = [*SMALL_SHARDS, *[o for o in TINY_LDM if "sample_images.prompts" not in o]]
 SMALL_SD = [*SMALL_SHARDS, "data.resolution=32"]
 SMALL_SAMPLE = ["steps=2", "n=1", "progress=false"]
+SMALL_EVAL = ["evaluation.steps=2", "evaluation.inception.features=64"]
 SMALL_BOOTH = ["num_class_images=2", "trainer.max_steps=2", "data.progress=false", "callbacks.sample_images.steps=2",
                "model.sampling.steps=2", "data.resolution=32", "trainer.enable_progress_bar=false"]
 
@@ -43,7 +44,7 @@ PLAN: list[tuple[str, str, list[str]]] = [
     (r"data.train_shards='shards/\{00000..01023\}.tar' data.resolution=32 .*runs/own$", "run", SMALL_OWN),
     (r"^python -m ldm.data.build_emoji ", "run", []),
     (r"^python -m ldm.data.build_folder ", "run", []),
-    (r"^torchrun ", "compose", []),
+    (r"^torchrun .* train.py ", "compose", []),
     (r"hydra/launcher=slurm", "compose", []),
     (r"^python -m ldm.data.cache_latents ", "run", []),
     (r"data=latents .*runs/cached$", "run", SMALL_OWN),
@@ -67,6 +68,10 @@ PLAN: list[tuple[str, str, list[str]]] = [
     (r"experiment=dreambooth init_from=runs/quickstart/.*dreambooth_demo/full", "run", SMALL_BOOTH),
     (r"experiment=dreambooth init_from=runs/quickstart/.*dreambooth_demo/lora", "run", SMALL_BOOTH),
     (r"^python -m ldm.export_lora runs/dreambooth_demo/", "run", []),
+    (r"^python -m ldm.evaluation.reference_stats ", "run", ["--max-images", "32", "--features", "64"]),
+    (r"evaluation.ref_stats=own_stats.npz .*runs/own_eval$", "run", [*SMALL_OWN, *SMALL_EVAL]),
+    (r"^python evaluate.py ", "run", SMALL_EVAL),
+    (r"^torchrun .* evaluate.py ", "run", SMALL_EVAL),
 ]
 # Run in the default suite (the rest of the "run" entries: -m slow): own shards, plain sampling, an edit.
 DEFAULT = (6, 15, 18)
@@ -80,7 +85,8 @@ def plan() -> list[tuple[int, str, str, list[str]]]:
                                   f"(add or fix one): {command}"
         i = matches[0]
         steps.append((i, command, PLAN[i][1], PLAN[i][2]))
-    assert sorted(i for i, *_ in steps) == list(range(len(PLAN))), "a PLAN entry matches no README command"
+    unused = sorted(set(range(len(PLAN))) - {i for i, *_ in steps})
+    assert not unused, f"PLAN entries that match no README command: {[PLAN[i][0] for i in unused]}"
     return steps
 
 
@@ -107,11 +113,12 @@ def test_every_readme_command_is_planned_and_composes():
             continue  # pip ... && ...: not one program's arguments
         args = argv(command)
         if args[0] == "torchrun":
-            args = ["python", *args[args.index("train.py"):]]
-        if args[0] != "python" or args[1] not in ("train.py", "sample.py"):
+            script = next(a for a in args if a.endswith(".py"))
+            args = ["python", *args[args.index(script):]]
+        if args[0] != "python" or args[1] not in ("train.py", "sample.py", "evaluate.py"):
             continue
         overrides = quote_brace_patterns([a for a in args[2:] if a != "-m"])
-        config = "train" if args[1] == "train.py" else "sample"
+        config = args[1].removesuffix(".py")
         with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
             cfg = compose(config, overrides=overrides, return_hydra_config=True)
         if config == "train":

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ldm.diffusion import SAMPLERS, NoiseSchedule, get_sampler, sample_ddim, sample_ddpm
+from ldm.diffusion import SAMPLERS, NoiseSchedule, get_sampler, sample_ddim, sample_ddpm, sampler_timesteps
+from ldm.diffusion.samplers import SAMPLER_TIMESTEPS
 
 SHAPE = (2, 3, 4, 4)
 # Both sides run the same update rule on the same float64 numbers: only operation order differs.
@@ -254,6 +255,46 @@ def test_registry_and_progress(name):
     sampler = get_sampler(name)
     out = sampler(fake_prediction, _x_T(), NoiseSchedule(), num_steps=3, progress=True)
     assert out.shape == SHAPE and torch.isfinite(out).all()
+
+
+# (training timesteps, sampler options): each sampler's defaults, every spacing, an offset, the N at which the
+# trailing arange overshoots, an option that does not move the timesteps, and a schedule of another length.
+TIMESTEP_CASES = [
+    (1000, {}),
+    (1000, {"num_steps": 9, "timestep_spacing": "linspace", "prediction_type": "v"}),
+    (1000, {"num_steps": 7, "timestep_spacing": "trailing"}),
+    (1000, {"num_steps": 61, "timestep_spacing": "trailing"}),
+    (1000, {"num_steps": 5, "timestep_spacing": "leading", "steps_offset": 1}),
+    (100, {"num_steps": 10}),
+]
+
+
+@pytest.mark.parametrize("num_timesteps,options", TIMESTEP_CASES)
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_declared_timesteps_are_the_visited_ones(name, num_timesteps, options):
+    """sampler_timesteps says, without a model, exactly the t (values and dtype) each step's model_fn gets."""
+    assert set(SAMPLER_TIMESTEPS) == set(SAMPLERS)
+    schedule = NoiseSchedule(num_timesteps=num_timesteps)
+    seen = []
+
+    def model_fn(x, t):
+        assert t.shape == (x.shape[0],) and (t == t[0]).all()
+        seen.append(t[0])
+        return fake_prediction(x, t)
+
+    x_T = torch.randn(2, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    get_sampler(name)(model_fn, x_T, schedule, generator=torch.Generator().manual_seed(1), **options)
+    declared = sampler_timesteps(name, schedule, **options)
+    visited = torch.stack(seen)
+    assert declared.dtype == visited.dtype and torch.equal(declared, visited), (declared, visited)
+    if "num_steps" in options:
+        assert len(declared) == options["num_steps"]
+    assert 0 <= declared.min() and declared.max() <= num_timesteps - 1
+
+
+def test_sampler_timesteps_of_an_unknown_sampler_lists_choices():
+    with pytest.raises(ValueError, match="ddim.*ddpm.*dpmpp_2m.*euler_a"):
+        sampler_timesteps("euler", NoiseSchedule(), num_steps=3)
 
 
 def test_unknown_sampler_lists_choices():

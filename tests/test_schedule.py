@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
 from ldm.diffusion import NoiseSchedule, make_betas, rescale_zero_terminal_snr, sampling_timesteps
 
@@ -60,6 +60,32 @@ def test_sampling_timesteps_match_ddim_scheduler(spacing, num_steps, offset):
     ours = sampling_timesteps(num_steps, 1000, spacing, offset)
     assert ours.dtype == torch.long
     assert torch.equal(ours, scheduler.timesteps)
+
+
+@pytest.mark.parametrize("spacing,num_steps,offset", SPACING_CASES + [("trailing", 61, 0), ("trailing", 103, 0)])
+def test_sampling_timesteps_match_dpm_solver_and_euler_schedulers(spacing, num_steps, offset):
+    """The same rule, with the lowest of N + 1 points dropped (DPM-Solver) or unrounded (Euler), is what
+    diffusers' other two schedulers visit."""
+    for scheduler_class, options, dtype in (
+        (DPMSolverMultistepScheduler, {"drop_lowest": True}, torch.long),
+        (EulerAncestralDiscreteScheduler, {"integral": False}, torch.float32),
+    ):
+        scheduler = scheduler_class(timestep_spacing=spacing, steps_offset=offset)
+        scheduler.set_timesteps(num_steps)
+        theirs = scheduler.timesteps
+        if theirs.max() > 999:
+            # DPM-Solver, leading, N = 999, offset 1 reaches t = 1000, past the last training step: refused.
+            with pytest.raises(ValueError, match="outside"):
+                sampling_timesteps(num_steps, 1000, spacing, offset, **options)
+            continue
+        ours = sampling_timesteps(num_steps, 1000, spacing, offset, **options)
+        assert ours.dtype == dtype
+        # Where numpy's float arange overshoots (trailing, N = 61), those schedulers keep the extra element,
+        # timestep −1; the one rule keeps the first N, as DDIMScheduler does.
+        if len(theirs) == num_steps + 1:
+            assert spacing == "trailing" and theirs[-1] == -1
+            theirs = theirs[:num_steps]
+        assert torch.equal(ours, theirs.to(dtype))
 
 
 def test_trailing_keeps_exactly_n_steps():

@@ -40,12 +40,12 @@ def test_stage2_checkpoint_holds_ema_and_no_frozen_text_encoder(stage2):
 def test_stage2_freezes_everything_but_the_unet(stage1):
     from ldm.training.diffusion_module import DiffusionModule
 
-    module = DiffusionModule(
+    module = DiffusionModule.from_settings(dict(
         unet=dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                   num_heads=2, context_dim=256),
         conditioner={"_target_": "ldm.conditioning.text.FrozenOpenCLIPTextEncoder", "arch": "ViT-S-32-alt"},
         schedule={}, autoencoder_ckpt=str(stage1 / "checkpoints" / "last.ckpt"), ema={"decay": 0.9},
-    )
+    ))
     trainable = {id(p) for p in module.trainable_parameters()}
     assert trainable == {id(p) for p in module.unet.parameters()}
     assert not any(p.requires_grad for p in module.autoencoder.parameters())

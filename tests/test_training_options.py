@@ -10,12 +10,12 @@ import types
 
 import lightning as L
 import pytest
+import tiny_ldm as T
 import torch
 
-import tiny_ldm as T
 from ldm.training.callbacks import FiniteWeightsGuard
-from ldm.training.checkpoint import CheckpointError
 from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.weights_io import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,10 @@ import torch
 
 from diffusers_oracle import diffusers_unet_from_ours, unet_config
 from ldm.modules.unet import UNetModel
+from ldm.presets import unet_preset
 
-SD1 = dict(num_heads=8, context_dim=768)
-SD2 = dict(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True)
+SD1 = unet_preset("sd1")
+SD2 = unet_preset("sd2")
 SMALL = dict(
     model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
     num_heads=2, context_dim=24,

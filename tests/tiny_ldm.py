@@ -40,7 +40,7 @@ def module(ae_ckpt: Path, **overrides):
                   optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
                   lr_schedule={"kind": "constant", "warmup_steps": 0})
     kwargs.update(overrides)
-    return DiffusionModule(**kwargs)
+    return DiffusionModule.from_settings(kwargs)
 
 
 def batch(n: int = 4, start: int = 0) -> dict:

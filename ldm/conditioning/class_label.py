@@ -26,7 +26,9 @@ class ClassLabelEncoder(nn.Module):
     """
 
     frozen: bool = False
-    tokens_per_chunk: int = 1  # one context token per label (generic conditioner API)
+    tokens_per_chunk: int = 1  # one context token per label
+    # A label context is one token and never padded, so its mask is exact (all True) whatever this says.
+    use_mask: bool = True
 
     def __init__(self, num_classes: int, dim: int) -> None:
         super().__init__()
@@ -64,6 +66,9 @@ class ClassLabelEncoder(nn.Module):
     def encode_empty(self, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Unconditional context: the null-class embedding, (batch_size, 1, d) and mask (batch_size, 1)."""
         return self(torch.full((batch_size,), self.null_class, dtype=torch.long))
+
+    def clear_cache(self) -> None:
+        """Nothing to forget: the table is read on every call."""
 
     def pad_to_chunks(self, context: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Class contexts are always one chunk of one token; only n == 1 is meaningful."""

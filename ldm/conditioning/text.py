@@ -23,124 +23,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import open_clip
 import torch
 from torch import nn
 
+from ldm.conditioning.open_clip_tower import is_weights_file, load_text_tower
+
 logger = logging.getLogger(__name__)
 
 LAYERS = ("last", "penultimate")
 PAD_TOKENS = ("eos", "zero")
-# A `pretrained` value with one of these endings is a file, never an open_clip tag.
-_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-# Every open_clip text tower state dict has this key; its prefix locates the tower inside any checkpoint.
-_ANCHOR_KEY = "token_embedding.weight"
-
-
-class _TextTower(nn.Module):
-    """The parts of an open_clip text tower that make per-token features; no pooling, no projection."""
-
-    def __init__(
-        self,
-        token_embedding: nn.Embedding,
-        positional_embedding: nn.Parameter,
-        transformer: nn.Module,
-        ln_final: nn.Module,
-        attn_mask: torch.Tensor | None,
-    ) -> None:
-        super().__init__()
-        self.token_embedding = token_embedding
-        self.positional_embedding = positional_embedding
-        self.transformer = transformer
-        self.ln_final = ln_final
-        # Causal mask (additive, -inf above the diagonal); None for bidirectional towers. Not persistent:
-        # open_clip rebuilds it too, and checkpoints do not carry it.
-        self.register_buffer("attn_mask", attn_mask, persistent=False)
-        # open_clip 3.x runs its blocks batch-first; older towers are sequence-first.
-        self.batch_first = bool(getattr(transformer, "batch_first", False))
-
-    @classmethod
-    def from_open_clip(cls, model: nn.Module, arch: str) -> "_TextTower":
-        # CLIP keeps the text parts at the top level; CustomTextCLIP (and CoCa) keep them in `model.text`.
-        source = model.text if isinstance(getattr(model, "text", None), nn.Module) else model
-        required = ("token_embedding", "positional_embedding", "transformer", "ln_final")
-        if not all(hasattr(source, name) for name in required):
-            raise ValueError(
-                f"open_clip model {arch!r} has a text tower of type {type(source).__name__}; only open_clip's "
-                "own TextTransformer layout (token_embedding, positional_embedding, transformer, ln_final) "
-                "is supported, not Hugging Face text towers"
-            )
-        if getattr(source, "cls_emb", None) is not None:
-            raise ValueError(f"open_clip model {arch!r} appends a class token to the text (CoCa); not supported")
-        return cls(
-            source.token_embedding,
-            source.positional_embedding,
-            source.transformer,
-            source.ln_final,
-            getattr(source, "attn_mask", None),
-        )
-
-    @property
-    def width(self) -> int:
-        return self.token_embedding.embedding_dim
-
-    @property
-    def context_length(self) -> int:
-        return self.positional_embedding.shape[0]
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.transformer.resblocks)
-
-    def forward(self, tokens: torch.Tensor, num_blocks: int, final_norm: bool) -> torch.Tensor:
-        # tokens: (N, L) → features (N, L, d) after the first `num_blocks` residual blocks.
-        x = self.token_embedding(tokens) + self.positional_embedding  # (N, L, d)
-        if not self.batch_first:
-            x = x.transpose(0, 1)  # (L, N, d)
-        attn_mask = None if self.attn_mask is None else self.attn_mask.to(x.dtype)
-        for block in self.transformer.resblocks[:num_blocks]:
-            x = block(x, attn_mask=attn_mask)
-        if not self.batch_first:
-            x = x.transpose(0, 1)  # (N, L, d)
-        return self.ln_final(x) if final_norm else x
-
-
-def _is_file_path(pretrained: str) -> bool:
-    return os.path.isfile(pretrained) or os.sep in pretrained or pretrained.endswith(_FILE_SUFFIXES)
-
-
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text encoder weights not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        # weights_only: a checkpoint must never be able to run code on load.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    # open_clip training checkpoints (and Lightning ones) wrap the weights in {"state_dict": ...}.
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state
-
-
-def _text_tower_state(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """Finds the text tower inside a full-model, text-only or wrapped state dict and strips its prefix.
-
-    Accepts open_clip CLIP ("token_embedding.weight"), CustomTextCLIP ("text.token_embedding.weight"),
-    DDP ("module."), this encoder's own state dict and anything else with a single text tower in it.
-    """
-    prefixes = [key[: -len(_ANCHOR_KEY)] for key in state if key.endswith(_ANCHOR_KEY)]
-    if len(prefixes) != 1:
-        raise ValueError(
-            f"{path}: expected exactly one text tower (a key ending in {_ANCHOR_KEY!r}), found {len(prefixes)}"
-        )
-    prefix = prefixes[0]
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def shorten(text: str, width: int = 120) -> str:
@@ -158,7 +53,8 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
     Args:
         arch: open_clip architecture name (SD2 uses "ViT-H-14", d = 1024).
         pretrained: an open_clip pretrained tag, a local file (open_clip checkpoint, full or text-only state
-            dict, .safetensors or torch pickle) or None for random weights (tests only).
+            dict, .safetensors or torch pickle), the text tower's state dict in memory (converted weights; see
+            `ldm.conditioning.open_clip_tower`) or None for random weights (tests only).
         layer: "last" or "penultimate" transformer block output (SD2 uses "penultimate").
         final_norm: apply the tower's final LayerNorm (ln_final) to the chosen layer's output. SD2's
             FrozenOpenCLIPEmbedder applies it to the penultimate output too (True); SDXL's second encoder
@@ -177,7 +73,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
     def __init__(
         self,
         arch: str = "ViT-H-14",
-        pretrained: str | None = None,
+        pretrained: str | Mapping[str, torch.Tensor] | None = None,
         layer: str = "penultimate",
         final_norm: bool = True,
         max_chunks: int = 3,
@@ -202,19 +98,8 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         self.use_mask = use_mask
         self.cache_size = cache_size
 
-        from_file = pretrained is not None and _is_file_path(pretrained)
-        tag = None if (pretrained is None or from_file) else pretrained
-        model = open_clip.create_model(arch, pretrained=tag)
-        # Keep only the text tower: the vision tower (most of ViT-H-14's weights) is dropped with `model`.
-        self.text = _TextTower.from_open_clip(model, arch)
-        del model
-        if from_file:
-            state = _text_tower_state(_read_state_dict(pretrained), pretrained)
-            wanted = self.text.state_dict().keys()
-            missing = sorted(k for k in wanted if k not in state)
-            if missing:
-                raise ValueError(f"{pretrained}: text tower weights missing for {arch!r}: {missing[:5]} …")
-            self.text.load_state_dict({k: state[k] for k in wanted}, strict=True)
+        self.text = load_text_tower(arch, pretrained)
+        if isinstance(pretrained, str) and is_weights_file(pretrained):
             logger.info("text encoder %s: weights loaded from %s", arch, pretrained)
         elif pretrained is None:
             logger.warning(
@@ -233,7 +118,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         self.eos_id: int = tokenizer.eot_token_id
         self.pad_id: int = self.eos_id if pad_token == "eos" else 0
         self.chunk_length: int = self.text.context_length  # 77: BOS + 75 tokens + EOS
-        self.tokens_per_chunk: int = self.chunk_length  # context tokens per chunk (generic conditioner API)
+        self.tokens_per_chunk: int = self.chunk_length  # context tokens per chunk (Conditioner protocol)
         self.chunk_capacity: int = self.chunk_length - 2  # 75 prompt tokens per chunk
 
         # prompt → (context (77·n, d), mask (77·n)), most recently used last. Cleared whenever the weights,
@@ -263,6 +148,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
                                       error_msgs)
 
     def clear_cache(self) -> None:
+        """Forgets every cached encoding; called whenever what an encoding is may have changed."""
         self._cache = OrderedDict()
         self._empty_chunk = None
 

@@ -21,19 +21,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ldm.convert.clip_text import (
-    SD1_CONDITIONER,
-    SD2_CONDITIONER,
-    conditioner_from_state,
-)
+from ldm.convert.clip_text import SD1_CONDITIONER, SD2_CONDITIONER, TEXT_ENCODER_TARGET, conditioner_from_state
 from ldm.convert.diffusers_layout import convert_diffusers
 from ldm.convert.infer import AUTOENCODER_PRESET, UNET_PRESETS
-from ldm.convert.parts import (
-    TEXT_ENCODER_TARGET,
-    ConversionError,
-    ConvertedWeights,
-    PretrainedParts,
-)
+from ldm.convert.key_mapping import ConversionError
+from ldm.convert.parts import ConvertedWeights, PretrainedParts
 from ldm.convert.single_file import convert_single_file, save_single_file
 
 logger = logging.getLogger(__name__)

@@ -33,25 +33,21 @@ import hashlib
 import json
 import logging
 import os
-from contextlib import contextmanager
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import open_clip
 import torch
+from safetensors.torch import save_file
 
-from ldm.convert.parts import (
-    TEXT_ENCODER_TARGET,
-    ConversionError,
-    KeySource,
-    Plan,
-    apply_plan,
-    check_keys,
-    format_keys,
-    scratch_dir,
-)
+from ldm.conditioning.text import FrozenOpenCLIPTextEncoder
+from ldm.convert.key_mapping import ConversionError, KeySource, Plan, apply_plan, check_keys, format_keys
 
 logger = logging.getLogger(__name__)
+
+# The `_target_` of the conditioner configs a conversion writes: the class that loads its text weights.
+TEXT_ENCODER_TARGET = f"{FrozenOpenCLIPTextEncoder.__module__}.{FrozenOpenCLIPTextEncoder.__qualname__}"
 
 HF_PREFIX = "text_model."
 # Built-in open_clip archs a converted tower may turn out to be; anything else gets its own config folder.
@@ -255,6 +251,11 @@ def model_cfg_of(arch: str) -> dict:
 _ARCH_DIRS: dict[str, str] = {}
 
 
+def scratch_dir(prefix: str) -> str:
+    """A directory that lives as long as the process (for open_clip archs built from converted configs)."""
+    return tempfile.mkdtemp(prefix=prefix)
+
+
 def open_clip_arch_for(text_cfg: Mapping[str, Any], quick_gelu: bool, directory: str | None = None) -> tuple[str, dict]:
     """The open_clip arch name with this text tower: a built-in one if any matches, else a config folder.
 
@@ -303,35 +304,15 @@ def resolve_arch(config: Mapping[str, Any], model_cfg: Mapping[str, Any] | None,
 # ------------------------------------------------------------------------------------------- building
 
 
-@contextmanager
-def _converted_weights_follow() -> Iterator[None]:
-    # The encoder is built with pretrained=None and then given the converted weights; its warning that the
-    # weights are random would be false here, so it is held back for the duration of the construction.
-    text_logger = logging.getLogger("ldm.conditioning.text")
-
-    def drop(record: logging.LogRecord) -> bool:
-        return "RANDOM weights" not in record.getMessage()
-
-    text_logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        text_logger.removeFilter(drop)
-
-
-def conditioner_from_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]):
+def conditioner_from_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> FrozenOpenCLIPTextEncoder:
     """A FrozenOpenCLIPTextEncoder built from its kwargs (``_target_``/``pretrained`` ignored) with the
-    given open_clip-layout text weights, loaded strictly."""
-    from ldm.conditioning.text import FrozenOpenCLIPTextEncoder
-
+    given open_clip-layout text weights, which must fit its tower key for key."""
     kwargs = {k: v for k, v in config.items() if k not in ("_target_", "pretrained")}
-    with _converted_weights_follow():
-        encoder = FrozenOpenCLIPTextEncoder(pretrained=None, **kwargs)
-    expected = {k: v.shape for k, v in encoder.text.state_dict().items()}
-    what = f"text encoder {kwargs.get('arch')!r}"
-    check_keys(state, {"text encoder": open_clip_plan(expected)}, what)
-    encoder.text.load_state_dict(apply_plan(state, open_clip_plan(expected), expected, what), strict=True)
-    encoder.clear_cache()
+    try:
+        # The weights go in as `pretrained`: the encoder is never built with random weights (and never says so).
+        encoder = FrozenOpenCLIPTextEncoder(pretrained=dict(state), **kwargs)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
     logger.info("text encoder %s: converted weights loaded", kwargs.get("arch"))
     return encoder
 
@@ -340,8 +321,6 @@ def write_text_weights(directory: str | os.PathLike, config: Mapping[str, Any], 
                        model_cfg: Mapping[str, Any] | None) -> dict:
     """Writes ``directory/text_encoder.safetensors`` (and the arch folder, for a non-built-in arch); returns
     the conditioner config that loads them (``pretrained`` set)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "text_encoder.safetensors"

@@ -37,6 +37,7 @@ import torch
 
 from ldm.convert.clip_text import (
     SD2_CONDITIONER,
+    TEXT_ENCODER_TARGET,
     hf_to_open_clip,
     model_cfg_of,
     open_clip_arch_for,
@@ -44,19 +45,16 @@ from ldm.convert.clip_text import (
     text_cfg_from_hf_config,
 )
 from ldm.convert.infer import family_of
-from ldm.convert.parts import (
-    TEXT_ENCODER_TARGET,
+from ldm.convert.key_mapping import (
     ConversionError,
-    ConvertedWeights,
     KeySource,
     Plan,
     apply_plan,
-    autoencoder_shapes,
     check_keys,
     log_ignored,
     read_state_file,
-    unet_shapes,
 )
+from ldm.convert.parts import ConvertedWeights, autoencoder_shapes, unet_shapes
 
 logger = logging.getLogger(__name__)
 

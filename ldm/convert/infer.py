@@ -17,28 +17,16 @@ from typing import Any, Mapping
 
 import torch
 
-from ldm.convert.parts import ConversionError
+from ldm.convert.key_mapping import ConversionError
+from ldm.presets import autoencoder_preset, unet_preset
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("sd1", "sd2")
 
-_UNET_COMMON = dict(
-    in_channels=4,
-    out_channels=4,
-    model_channels=320,
-    channel_mult=[1, 2, 4, 4],
-    num_res_blocks=2,
-    attention_resolutions=[4, 2, 1],
-    transformer_depth=1,
-)
-UNET_PRESETS: dict[str, dict] = {
-    "sd1": dict(_UNET_COMMON, num_heads=8, head_dim=None, context_dim=768, use_linear_projection=False),
-    "sd2": dict(_UNET_COMMON, num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True),
-}
+UNET_PRESETS: dict[str, dict] = {family: unet_preset(family) for family in FAMILIES}
 # The KL-f8 autoencoder both families share. scale_factor is not in the weights; 0.18215 is SD's.
-AUTOENCODER_PRESET = dict(in_channels=3, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4,
-                          embed_dim=4, scale_factor=0.18215)
+AUTOENCODER_PRESET = autoencoder_preset("kl_f8")
 
 
 def _get(state: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import save_file
 
 from ldm.convert.clip_text import (
     SD1_CONDITIONER,
     SD2_CONDITIONER,
+    TEXT_ENCODER_TARGET,
     hf_ignorable,
     hf_plan,
     model_cfg_of,
@@ -47,19 +49,17 @@ from ldm.convert.infer import (
     infer_unet_config,
     unet_config_of,
 )
-from ldm.convert.parts import (
-    TEXT_ENCODER_TARGET,
+from ldm.convert.key_mapping import (
     ConversionError,
-    ConvertedWeights,
     KeySource,
     Plan,
     apply_plan,
-    autoencoder_shapes,
     check_keys,
     log_ignored,
     read_state_file,
-    unet_shapes,
 )
+from ldm.convert.parts import ConvertedWeights, autoencoder_shapes, unet_shapes
+from ldm.diffusion.schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +229,6 @@ def convert_single_file(
 
 def _schedule_of(source: Mapping[str, torch.Tensor]) -> dict | None:
     """SD's schedule (NoiseSchedule's defaults) if the stored betas are that schedule, else None."""
-    from ldm.diffusion.schedule import NoiseSchedule
-
     betas = source.get("betas")
     if betas is None:
         return None
@@ -297,8 +295,6 @@ def save_single_file(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(stored)})
     else:
         torch.save({"state_dict": state, METADATA_KEY: json.dumps(stored)}, tmp)

@@ -12,29 +12,23 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ldm.data.datamodule import ShardDataModule
-    from ldm.data.shards import (
-        IMAGE_EXTENSIONS,
-        SKIP_REASONS,
-        DataStats,
-        ShardDataset,
-        ShardLoader,
-        collate_samples,
-        decode_image,
-        expand_shards,
-    )
+    from ldm.data.decoders import IMAGE_EXTENSIONS, collate_samples, decode_image
+    from ldm.data.shards import ShardDataset, ShardLoader
+    from ldm.data.specs import expand_shards
+    from ldm.data.stats import SKIP_REASONS, DataStats
     from ldm.data.transforms import ImageTransform, to_rgb
     from ldm.data.writer import TarShardWriter
 
 _EXPORTS: dict[str, str] = {
     "ShardDataModule": "ldm.data.datamodule",
-    "IMAGE_EXTENSIONS": "ldm.data.shards",
-    "SKIP_REASONS": "ldm.data.shards",
-    "DataStats": "ldm.data.shards",
+    "IMAGE_EXTENSIONS": "ldm.data.decoders",
+    "SKIP_REASONS": "ldm.data.stats",
+    "DataStats": "ldm.data.stats",
     "ShardDataset": "ldm.data.shards",
     "ShardLoader": "ldm.data.shards",
-    "collate_samples": "ldm.data.shards",
-    "decode_image": "ldm.data.shards",
-    "expand_shards": "ldm.data.shards",
+    "collate_samples": "ldm.data.decoders",
+    "decode_image": "ldm.data.decoders",
+    "expand_shards": "ldm.data.specs",
     "ImageTransform": "ldm.data.transforms",
     "to_rgb": "ldm.data.transforms",
     "TarShardWriter": "ldm.data.writer",

@@ -143,3 +143,16 @@ def batch_by_bucket(samples: Iterable[dict], batch_size: int,
     for bucket in pending.values():
         if bucket:
             yield collate(bucket)
+
+
+class BucketBatches(torch.utils.data.IterableDataset):
+    """A dataset's samples as batches of one bucket each (batch_by_bucket), made where the samples are made, in
+    each DataLoader worker; the DataLoader passes them on as they are (``batch_size=None``)."""
+
+    def __init__(self, samples: Iterable[dict], batch_size: int, collate: Callable[[list[dict]], dict]) -> None:
+        self.samples = samples
+        self.batch_size = batch_size
+        self.collate = collate
+
+    def __iter__(self) -> Iterator[dict]:
+        return batch_by_bucket(self.samples, self.batch_size, self.collate)

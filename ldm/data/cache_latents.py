@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from ldm.data.latents import npy_bytes
 from ldm.data.shards import ShardDataset, ShardLoader, expand_shards
 from ldm.data.writer import TarShardWriter
+from ldm.model_parts import build_conditioner, load_autoencoder
 
 log = logging.getLogger("cache_latents")
 
@@ -33,13 +34,11 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def load_conditioner(config_path: str, seed: int, pretrained: str | None = None) -> torch.nn.Module:
-    from ldm.training.diffusion_module import build_conditioner
-
     config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     if pretrained is not None:
         config["pretrained"] = pretrained  # the config files leave it null (random weights) or a tag
     conditioner = build_conditioner(config, seed)
-    if not getattr(conditioner, "frozen", True):
+    if not conditioner.frozen:
         raise ValueError(f"{config_path}: a trainable conditioner cannot be cached (its output changes in training)")
     return conditioner.requires_grad_(False).eval()
 
@@ -62,8 +61,6 @@ def cache_latents(
     """Encode every sample of ``shards`` (in order, each once) and write cached-latent shards into ``out_dir``.
     Returns the summary also written to OUT_DIR/cache.json. ``conditioner_pretrained`` replaces the conditioner
     config's ``pretrained`` (a local weights file): train with the same value of model.conditioner.pretrained."""
-    from ldm.training.diffusion_module import load_autoencoder
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
@@ -94,7 +91,7 @@ def cache_latents(
                 if context is not None:
                     # Drop the fully masked padding chunks the batch added beyond this caption's own length.
                     length = int(np.nonzero(mask[i])[0].max()) + 1 if mask[i].any() else context.shape[1]
-                    tokens = getattr(text, "tokens_per_chunk", 1)
+                    tokens = text.tokens_per_chunk
                     length = -(-length // tokens) * tokens
                     files["context.npy"] = npy_bytes(context[i, :length].astype(np_dtype))
                     files["mask.npy"] = npy_bytes(mask[i, :length].astype(bool))

@@ -16,15 +16,11 @@ import lightning as L
 import torch
 
 from ldm.data.buckets import AspectRatioBuckets
-from ldm.data.shards import (
-    DataStats,
-    MissingCaption,
-    ShardDataset,
-    ShardLoader,
-    ShardSpec,
-    expand_shards,
-    node_info,
-)
+from ldm.data.decoders import MissingCaption
+from ldm.data.shards import ShardDataset, ShardLoader
+from ldm.data.specs import ShardSpec, expand_shards
+from ldm.data.stages import SampleDecoder, node_info
+from ldm.data.stats import DataStats
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +48,6 @@ class ShardDataModule(L.LightningDataModule):
             `functools.partial(build_emoji_shards, "data/emoji", size=64)`; must be idempotent, i.e. cheap when
             its output is already up to date, since it runs on every start.
     """
-
-    dataset_class: type[ShardDataset] = ShardDataset  # what reads the shards (cached latents: a subclass)
 
     def __init__(
         self,
@@ -101,8 +95,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
-            self.train_stats = DataStats(self.dataset_class.skip_reasons)
-            self.train_dataset = self.dataset_class(
+            self.train_dataset = ShardDataset(
                 self.train_shards,
                 resolution=self.resolution,
                 random_crop=self.random_crop,
@@ -113,9 +106,10 @@ class ShardDataModule(L.LightningDataModule):
                 epoch_length=self.epoch_length,
                 missing_caption=self.missing_caption,
                 seed=self.seed,
-                stats=self.train_stats,
-                **({"buckets": self.buckets} if self.buckets is not None else {}),
+                buckets=self.buckets,
+                decoder=self.sample_decoder(),
             )
+            self.train_stats = self.train_dataset.stats
             rank, world_size = node_info()
             logger.info("train shards: %d from %r (rank %d/%d, resampled=%s, epoch_length=%s)",
                         len(self.train_dataset.urls), self.train_shards, rank, world_size, self.resampled,
@@ -127,11 +121,10 @@ class ShardDataModule(L.LightningDataModule):
                 logger.warning("resampled=True without epoch_length: the training stream never ends an epoch; "
                                "bound the run with max_steps")
         if stage in (None, "fit", "validate") and self.val_shards is not None and self.val_dataset is None:
-            self.val_stats = DataStats(self.dataset_class.skip_reasons)
             # Each rank validates its own shards; with fewer shards than ranks every rank reads them all instead
             # (duplicated work, same metric) rather than some ranks having nothing to validate.
             _, world_size = node_info()
-            self.val_dataset = self.dataset_class(
+            self.val_dataset = ShardDataset(
                 self.val_shards,
                 split_nodes=len(expand_shards(self.val_shards)) >= world_size,
                 resolution=self.resolution,
@@ -139,8 +132,15 @@ class ShardDataModule(L.LightningDataModule):
                 resampled=False,
                 missing_caption=self.missing_caption,
                 seed=self.seed,
-                stats=self.val_stats,
+                decoder=self.sample_decoder(),
             )
+            self.val_stats = self.val_dataset.stats
+
+    def sample_decoder(self) -> SampleDecoder | None:
+        """What turns a raw sample into a training sample (see ldm.data.stages.SampleDecoder). None: images,
+        decoded by ShardDataset with this module's resolution, crops, flips and buckets; cached latents
+        (ldm.data.latents) bring their own."""
+        return None
 
     def _loader(self, dataset: ShardDataset) -> ShardLoader:
         return ShardLoader(

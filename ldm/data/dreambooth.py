@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.transforms import ImageTransform
+from ldm.pipeline import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -235,8 +236,6 @@ class DreamBoothDataModule(L.LightningDataModule):
 
     def generate_class_images(self, module, folder: Path) -> int:
         """Makes the missing class images with ``module`` as it is now: the base model, before any step."""
-        from ldm.pipeline import LatentDiffusionPipeline
-
         device = self.trainer.strategy.root_device if getattr(self, "trainer", None) is not None else module.device
         was_training = module.training
         module.to(device)

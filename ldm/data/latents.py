@@ -14,15 +14,22 @@ would for an encoded image, so training on cached latents is training on the sam
 from __future__ import annotations
 
 import io
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ldm.data.datamodule import ShardDataModule
-from ldm.data.shards import ShardDataset, collate_samples
+from ldm.data.decoders import MissingCaption, caption_or_skip, collate_samples, read_caption
+from ldm.data.shards import ShardDataset
+from ldm.data.specs import ShardSpec
+from ldm.data.stages import PassState
+from ldm.data.stats import DataStats
 
 LATENT_FIELDS = {"latent.npy": "latent", "std.npy": "latent_std", "context.npy": "context", "mask.npy": "mask"}
+# corrupt_latent: a .npy that does not load; no_latent: a sample without latent.npy
+LATENT_SKIP_REASONS: tuple[str, ...] = ("corrupt_latent", "no_latent", "no_caption", "shard_error")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -48,46 +55,72 @@ def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return collate_samples(samples)
 
 
-class LatentShardDataset(ShardDataset):
-    """A ShardDataset whose samples are cached posteriors instead of images (same splitting, shuffling,
-    resampling, epochs and skip counting)."""
+@dataclass
+class LatentDecoder:
+    """A cached sample → {"latent", "latent_std", "caption", "key"} (+ "context", "mask" when cached): the
+    sample decoder of ShardDataset for cached-latent shards, with their own skip reasons."""
 
-    collate_fn = staticmethod(collate_latents)
-    # corrupt_latent: a .npy that does not load; no_latent: a sample without latent.npy
-    skip_reasons = ("corrupt_latent", "no_latent", "no_caption", "shard_error")
+    missing_caption: MissingCaption = "skip"
 
-    def _decode_sample(self, sample: dict) -> dict[str, Any] | None:
+    skip_reasons: ClassVar[tuple[str, ...]] = LATENT_SKIP_REASONS
+
+    def __call__(self, sample: dict[str, Any], state: PassState) -> dict[str, Any] | None:
         key = str(sample.get("__key__", "?"))
         url = str(sample.get("__url__", "?"))
         if "latent.npy" not in sample:
             members = sorted(k for k in sample if not k.startswith("__"))
-            self._skip("no_latent", key, url, f"no latent.npy (members {members}): not a cached-latent shard?")
+            state.skip("no_latent", key, url, f"no latent.npy (members {members}): not a cached-latent shard?")
             return None
-        raw_caption = sample.get("txt")
-        caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption is not None else ""
-        if not caption and "context.npy" not in sample:
-            if self.missing_caption == "skip":
-                self._skip("no_caption", key, url, "no .txt" if raw_caption is None else "empty .txt")
+        if "context.npy" in sample:  # the text context is cached: the caption itself is not needed
+            caption: str | None = read_caption(sample)
+        else:
+            caption = caption_or_skip(sample, key, url, self.missing_caption, state)
+            if caption is None:
                 return None
-            self.stats.add("empty_caption")
         try:
             out: dict[str, Any] = {name: load_npy(sample[ext]) for ext, name in LATENT_FIELDS.items() if ext in sample}
         except Exception as exn:  # noqa: BLE001 - truncated or malformed .npy
-            self._skip("corrupt_latent", key, url, repr(exn)[:200])
+            state.skip("corrupt_latent", key, url, repr(exn)[:200])
             return None
         if "mask" in out:
             out["mask"] = out["mask"].bool()
         out.update(caption=caption, key=key)
         return out
 
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_latents(samples)
+
+
+class LatentShardDataset(ShardDataset):
+    """A ShardDataset whose samples are cached posteriors instead of images (same splitting, shuffling,
+    resampling, epochs and skip counting): the shard stages with LatentDecoder. Crops and flips were fixed when
+    the cache was written, so there are no image options."""
+
+    def __init__(
+        self,
+        shards: ShardSpec,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        missing_caption: MissingCaption = "skip",
+        seed: int = 0,
+        stats: DataStats | None = None,
+        split_nodes: bool = True,
+    ) -> None:
+        super().__init__(shards, shuffle=shuffle, shuffle_buffer=shuffle_buffer, resampled=resampled,
+                         epoch_length=epoch_length, missing_caption=missing_caption, seed=seed, stats=stats,
+                         split_nodes=split_nodes, decoder=LatentDecoder(missing_caption))
+
 
 class LatentDataModule(ShardDataModule):
     """ShardDataModule over cached-latent shards. ``resolution`` is the image size the latents were encoded
     from (it sets the default sample size); crops and flips were fixed when the cache was written."""
 
-    dataset_class = LatentShardDataset
-
     def __init__(self, train_shards, *args, buckets: Any = None, **kwargs) -> None:
         if buckets is not None:
             raise ValueError("data.buckets does not apply to cached latents: bucket the images when caching")
         super().__init__(train_shards, *args, **kwargs)
+
+    def sample_decoder(self) -> LatentDecoder:
+        return LatentDecoder(self.missing_caption)

@@ -13,316 +13,75 @@ Two modes:
 Bad data never ends a run: undecodable images, samples without an image and samples without a caption are
 skipped, counted in a `DataStats` (shared across DataLoader workers) and logged with their key and shard URL,
 rate-limited. Only a shard set that yields nothing usable at all is an error.
+
+The pieces: shard specs (ldm.data.specs), the stages of a pass (ldm.data.stages), the image decoder
+(ldm.data.decoders), the counts (ldm.data.stats); this file puts them together as a dataset and its loader.
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import io
 import itertools
-import logging
 import math
-import multiprocessing
-import multiprocessing.context
-import os
-import random
-import re
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from typing import Any
 
-import braceexpand
 import torch
 import webdataset as wds
 from PIL import Image
 
-from ldm.data.buckets import AspectRatioBuckets, BucketTransform, batch_by_bucket
+from ldm.data.buckets import AspectRatioBuckets, BucketBatches, BucketTransform
+from ldm.data.decoders import IMAGE_EXTENSIONS, ImageDecoder, MissingCaption, collate_samples, decode_image
+from ldm.data.specs import ShardSpec, expand_shards, shorten
+from ldm.data.stages import (
+    PassState,
+    Resume,
+    SampleDecoder,
+    count_raw,
+    decode,
+    fail_if_nothing_usable,
+    node_info,
+    resampled_shards,
+    shard_error_handler,
+    shard_order,
+    shuffle_samples,
+    split_by_node,
+    stop_when_every_shard_is_skipped,
+    track_shards,
+    worker_info,
+)
+from ldm.data.stats import SKIP_REASONS, DataStats, NoUsableDataError
 from ldm.data.transforms import ImageTransform
 
-logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-MissingCaption = Literal["skip", "empty"]
-ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
-
-_REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Shard specs
-# --------------------------------------------------------------------------------------------------------------
-
-
-def expand_shards(spec: ShardSpec) -> list[str]:
-    """Turn a shard spec into a list of shard URLs/paths.
-
-    Accepts a brace pattern ("data/emoji-{000000..000003}.tar"), a glob ("data/*.tar"), a local folder (all
-    `*.tar` directly inside it, sorted; sub-folders are not searched), a remote URL (`pipe:`, `s3://`, `http://`;
-    brace-expanded, not checked), or a list of any of these. Local files must exist: a typo in a range should
-    fail here, naming the spec, not as an empty epoch later.
-    """
-    if isinstance(spec, (str, os.PathLike)):
-        items: list[Any] = [spec]
-    elif isinstance(spec, Iterable):  # list, tuple, omegaconf ListConfig
-        items = list(spec)
-    else:
-        raise TypeError(f"shard spec must be a string, path or list of them, got {type(spec).__name__}")
-    if not items:
-        raise FileNotFoundError(f"shard spec {spec!r} is empty")
-
-    urls: list[str] = []
-    missing: list[str] = []
-    for item in items:
-        text = os.fspath(item)
-        if _REMOTE.match(text):
-            urls.extend(braceexpand.braceexpand(text))
-            continue
-        text = os.path.expanduser(text)
-        if os.path.isdir(text):
-            found = sorted(glob.glob(os.path.join(glob.escape(text), "*.tar")))
-            if not found:
-                raise FileNotFoundError(f"no *.tar shards in folder {text!r} (shard spec {spec!r})")
-            urls.extend(found)
-            continue
-        for path in braceexpand.braceexpand(text):
-            if _GLOB_CHARS.search(path):
-                found = sorted(glob.glob(path))
-                if found:
-                    urls.extend(found)
-                else:
-                    missing.append(path)
-            elif os.path.isfile(path):
-                urls.append(path)
-            else:
-                missing.append(path)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"shard spec {spec!r}: no shard matches {shown}")
-    if not urls:
-        raise FileNotFoundError(f"shard spec {spec!r} matched no shards")
-    return urls
+# Names that are read from here as well as from their own modules.
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SKIP_REASONS",
+    "DataStats",
+    "MissingCaption",
+    "NoUsableDataError",
+    "Resume",
+    "ShardDataset",
+    "ShardLoader",
+    "ShardSpec",
+    "collate_samples",
+    "decode_image",
+    "expand_shards",
+    "node_info",
+    "worker_info",
+]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Counting and logging skipped samples
-# --------------------------------------------------------------------------------------------------------------
-
-class NoUsableDataError(RuntimeError):
-    """A shard set that yields nothing to train on (every sample skipped, or no shard readable)."""
-
-
-# Why image samples are skipped; other sample kinds name their own (e.g. cached latents: ldm.data.latents).
-SKIP_REASONS: tuple[str, ...] = ("corrupt_image", "no_image", "no_caption", "shard_error")
-
-
-class DataStats:
-    """Counts of yielded and skipped samples, shared by the DataLoader workers of one process.
-
-    The counts live in shared memory so that the training process sees what its workers skipped (with fork or
-    spawn workers). Each rank has its own; reduce across ranks if a global figure is wanted.
-      yielded        samples that reached the model
-      empty_caption  samples kept with caption "" (missing_caption="empty")
-      skipped[r]     samples dropped, by reason (``reasons``; for images: corrupt_image, no_image, no_caption,
-                     shard_error, an unreadable
-                     shard or malformed tar entry, counted once per error)
-
-    One row of counters per writer (row 0: the main process, row 1 + k: worker k), summed when read: each row has
-    a single writer, so no lock is needed, and a lock is what could not be sent to "spawn" workers from a
-    process whose default start method is "fork".
-    """
-
-    max_rows: int = 65  # the main process and 64 workers; more workers share rows (counts may then undercount)
-
-    def __init__(self, reasons: Sequence[str] = SKIP_REASONS) -> None:
-        self.reasons = tuple(reasons)
-        self._fields = ("yielded", "empty_caption") + self.reasons
-        self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(self._fields))
-
-    def add(self, name: str, n: int = 1) -> None:
-        info = torch.utils.data.get_worker_info()
-        row = 0 if info is None else 1 + info.id % (self.max_rows - 1)
-        self._counts[row * len(self._fields) + self._fields.index(name)] += n
-
-    def _get(self, name: str) -> int:
-        index = self._fields.index(name)
-        return int(sum(self._counts[index :: len(self._fields)]))
-
-    @property
-    def yielded(self) -> int:
-        return self._get("yielded")
-
-    @property
-    def empty_caption(self) -> int:
-        return self._get("empty_caption")
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        return {reason: self._get(reason) for reason in self.reasons}
-
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def as_dict(self) -> dict[str, int]:
-        """Flat counts, e.g. for `LightningModule.log_dict`: {"yielded": .., "skipped/corrupt_image": .., ...}."""
-        out = {"yielded": self.yielded, "empty_caption": self.empty_caption}
-        out.update({f"skipped/{reason}": n for reason, n in self.skipped.items()})
-        return out
-
-    def reset(self) -> None:
-        """Zero the counts (call while no worker is running)."""
-        ctypes.memset(self._counts, 0, ctypes.sizeof(self._counts))
-
-    def __repr__(self) -> str:
-        return f"DataStats(yielded={self.yielded}, empty_caption={self.empty_caption}, skipped={self.skipped})"
-
-    # Shared memory can only travel to a child process while it is being spawned. Any other pickling (e.g. a
-    # datamodule sent through ddp_spawn after use) gets a private copy of the current counts instead of failing.
-    def __getstate__(self) -> dict[str, Any]:
-        if multiprocessing.context.get_spawning_popen() is not None:
-            return {"reasons": self.reasons, "shared": self._counts}
-        return {"reasons": self.reasons, "values": list(self._counts[:])}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.reasons = state["reasons"]
-        self._fields = ("yielded", "empty_caption") + self.reasons
-        if "shared" in state:
-            self._counts = state["shared"]
-        else:
-            self._counts = multiprocessing.RawArray(ctypes.c_int64, self.max_rows * len(self._fields))
-            self._counts[:] = state["values"]
-
-
-class _SkipLog:
-    """Per-process rate limit for skip warnings: the first few of each reason in full, then a summary at most
-    every `interval` seconds, so a dataset with 5% broken files does not drown the training log."""
-
-    first: int = 10
-    interval: float = 60.0
-
-    def __init__(self) -> None:
-        self.seen: dict[str, int] = {}
-        self.last: dict[str, float] = {}
-
-    def warn(self, reason: str, key: str, url: str, detail: str) -> None:
-        n = self.seen[reason] = self.seen.get(reason, 0) + 1
-        now = time.monotonic()
-        if n <= self.first:
-            logger.warning("skipped sample %r from %s: %s (%s)", key, url, reason, detail)
-            if n == self.first:
-                logger.warning("further %r skips are summarised at most every %.0f s", reason, self.interval)
-            self.last[reason] = now
-        elif now - self.last.get(reason, 0.0) >= self.interval:
-            logger.warning("%d samples skipped for %r in this process so far; latest %r from %s (%s)",
-                           n, reason, key, url, detail)
-            self.last[reason] = now
-
-
-_SKIP_LOG = _SkipLog()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def node_info() -> tuple[int, int]:
-    """(rank, world_size) as webdataset sees it: env RANK/WORLD_SIZE, else torch.distributed, else (0, 1)."""
-    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
-    return rank, world_size
-
-
-def worker_info() -> tuple[int, int]:
-    """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
-    info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode image bytes fully (so corrupt/truncated files fail here, inside the try of the caller).
-
-    For JPEG, `draft` lets libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= draft_size on both sides:
-    a large speed-up for 512px+ web images trained at 64-256px.
-    """
-    image = Image.open(io.BytesIO(data))
-    if draft_size is not None and image.format == "JPEG":
-        image.draft("RGB", (draft_size, draft_size))
-    image.load()
-    return image
-
-
-def _shorten(urls: Sequence[str], n: int = 4) -> str:
-    shown = ", ".join(urls[:n])
-    return shown + (f", ... ({len(urls)} shards)" if len(urls) > n else "")
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Where a resumed run continues inside an epoch: `batches` of `batch_size` samples per rank were trained,
-    the last optimizer step being `step`."""
-
-    batches: int
-    batch_size: int
-    step: int
-
-    def consumed(self, worker: int, num_workers: int) -> int:
-        """Samples this DataLoader worker had produced (workers hand out batches in turn)."""
-        return len(range(worker, self.batches, num_workers)) * self.batch_size
-
-
-@dataclass
-class _Read:
-    """The first complete read of one shard in a pass: how many samples it held and how many were decoded."""
-
-    raw: int = 0
-    decoded: int = 0
-    complete: bool = False
-    errors: int = 0
-
-
-@dataclass
-class _Pass:
-    """What one pass (one epoch of one worker) has seen; used to tell 'some bad samples' from 'nothing usable'."""
-
-    epoch: int
-    resume: Resume | None = None
-    shards: list[str] = field(default_factory=list)
-    raw: int = 0
-    usable: int = 0
-    skipped: int = 0
-    # Each shard's first read in this pass, and the read in progress (None: a shard read before, or none).
-    first_reads: dict[str, _Read] = field(default_factory=dict)
-    reading: _Read | None = None
-
-    def every_shard_read_and_skipped(self, urls: Sequence[str]) -> bool:
-        """Nothing usable can come any more: every shard has been read to its end, and every sample of those
-        reads was decoded and skipped. Only then; not after a run of bad samples, however long, because the next
-        one may be good."""
-        return self.usable == 0 and all(
-            (read := self.first_reads.get(url)) is not None and read.complete and read.decoded == read.raw
-            for url in urls
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The dataset
-# --------------------------------------------------------------------------------------------------------------
-
-
-class ShardDataset(wds.DataPipeline):
-    """An IterableDataset over webdataset shards, built as a `webdataset.DataPipeline`:
+class ShardDataset(torch.utils.data.IterableDataset):
+    """An IterableDataset over webdataset shards; each pass (`iter`) is built from the stages in
+    ldm.data.stages by `pipeline`:
 
         shard urls (shuffled per epoch | resampled) → split_by_node → split_by_worker   [not when resampled]
         → tar reading → sample shuffle buffer (raw bytes) → decode + transform (skips counted)
         → epoch_length cut
 
-    Samples: {"image": float32 (3, R, R) in [-1, 1], "caption": str, "key": str}.
+    Samples: {"image": float32 (3, R, R) in [-1, 1], "caption": str, "key": str}, or what `decoder` makes (e.g.
+    cached latents); with `buckets`, images keep their aspect ratio (ShardLoader batches them one bucket each).
     """
-
-    skip_reasons: tuple[str, ...] = SKIP_REASONS  # what DataStats counts for this kind of sample
 
     def __init__(
         self,
@@ -340,6 +99,7 @@ class ShardDataset(wds.DataPipeline):
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
         split_nodes: bool = True,
         buckets: AspectRatioBuckets | None = None,
+        decoder: SampleDecoder | None = None,
     ) -> None:
         if missing_caption not in ("skip", "empty"):
             raise ValueError(f"missing_caption must be 'skip' or 'empty', got {missing_caption!r}")
@@ -354,38 +114,24 @@ class ShardDataset(wds.DataPipeline):
         self.epoch_length = epoch_length
         self.missing_caption = missing_caption
         self.seed = seed
+        # split_nodes=False: every rank reads all shards (e.g. a validation set with fewer shards than ranks).
         self.split_nodes = split_nodes
-        self.stats = stats if stats is not None else DataStats(self.skip_reasons)
-        # With buckets, images keep their aspect ratio: each is cropped to the bucket nearest its shape, and
-        # batches are formed here, one bucket per batch (ShardLoader sets bucket_batch_size).
+        # With buckets, images keep their aspect ratio: each is cropped to the bucket nearest its shape.
         self.buckets = buckets
-        self.bucket_batch_size: int | None = None
-        if transform is None and buckets is not None:
-            transform = BucketTransform(buckets, random_crop=random_crop, flip_prob=flip_prob)
-        self.transform = transform or ImageTransform(resolution, random_crop=random_crop, flip_prob=flip_prob)
-        self.draft_size = buckets.max_side if buckets is not None else resolution
+        if decoder is None:
+            if transform is None and buckets is not None:
+                transform = BucketTransform(buckets, random_crop=random_crop, flip_prob=flip_prob)
+            transform = transform or ImageTransform(resolution, random_crop=random_crop, flip_prob=flip_prob)
+            draft_size = buckets.max_side if buckets is not None else resolution
+            decoder = ImageDecoder(transform, draft_size=draft_size, missing_caption=missing_caption)
+        self.decoder = decoder
+        self.stats = stats if stats is not None else DataStats(decoder.skip_reasons)
+        # The next pass: its epoch (for shuffling seeds) and where it resumes (set_epoch); each pass advances them.
         self.epoch = 0
-        self.resume: Resume | None = None  # taken by the next pass only
+        self.resume: Resume | None = None
         # Rank as seen by the process that built the dataset. DataLoader workers started with "spawn" have neither
         # the process group nor (under some launchers) RANK/WORLD_SIZE, and would all think they are rank 0.
         self.node = node_info()
-        self._pass = _Pass(epoch=0)
-
-        stages: list[Any] = [self._shard_urls]
-        if not resampled:
-            # split_nodes=False: every rank reads all shards (e.g. a validation set with fewer shards than ranks).
-            stages += [self._split_by_node, wds.split_by_worker] if split_nodes else [wds.split_by_worker]
-        stages += [self._track_shards, wds.tarfile_to_samples(handler=self._on_shard_error), self._track_raw]
-        if shuffle and shuffle_buffer > 1:
-            stages.append(self._shuffle_samples)
-        if not resampled:
-            stages.append(self._skip_consumed)
-        stages.append(self._decode)
-        if epoch_length is not None:
-            stages.append(self._cut_epoch)
-        if buckets is not None:
-            stages.append(self._batch_by_bucket)
-        super().__init__(*stages)
 
     # -- epochs and splitting -----------------------------------------------------------------------------------
 
@@ -409,165 +155,48 @@ class ShardDataset(wds.DataPipeline):
             return self.node
         return rank, world_size
 
-    def _shard_urls(self) -> Iterator[dict[str, str]]:
-        epoch = self.epoch
-        self.epoch += 1
-        self._pass = _Pass(epoch=epoch, resume=self.resume)
-        self.resume = None
-        if self.resampled:
-            rank, _ = self.current_node()
-            worker, _ = worker_info()
-            # Distinct per rank and worker (else all would read the same shards), reproducible per epoch.
-            rng = random.Random(f"{self.seed}/{epoch}/{rank}/{worker}/shards{self._resume_salt()}")
-            return ({"url": rng.choice(self.urls)} for _ in itertools.count())
-        order = list(self.urls)
-        if self.shuffle:
-            # Same permutation on every rank and worker: the splits below must partition one common order.
-            random.Random(f"{self.seed}/{epoch}/shards").shuffle(order)
-        return ({"url": url} for url in order)
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # The one place the next pass's epoch and resume position are taken: later passes start their epoch
+        # afresh. A generator, so they are taken at the first sample: an iterator made but never read uses none.
+        epoch, resume = self.epoch, self.resume
+        self.epoch, self.resume = epoch + 1, None
+        yield from self.pipeline(epoch, resume)
 
-    def _split_by_node(self, src: Iterable[dict]) -> Iterator[dict]:
-        if node_info()[1] > 1 or self.node[1] == 1:
-            return wds.split_by_node(src)  # webdataset finds the rank itself (env, then process group)
-        rank, world_size = self.node  # a spawn-started worker: use the rank its parent saw
-        return itertools.islice(src, rank, None, world_size)
-
-    # -- reading ------------------------------------------------------------------------------------------------
-
-    def _track_shards(self, src: Iterable[dict]) -> Iterator[dict]:
-        state = self._pass
-        for item in src:
-            # The tar reader asks for the next shard only once it is done with the previous one.
-            self._end_read(state)
-            url = item["url"]
-            if url in state.first_reads:
-                state.reading = None  # a shard drawn again: its first read already tells what it holds
-            else:
-                state.reading = state.first_reads[url] = _Read()
-            state.shards.append(url)
-            yield item
-        self._end_read(state)
-
-    def _end_read(self, state: _Pass) -> None:
-        if state.reading is not None:
-            state.reading.complete = True
-            state.reading = None
-            self._check_usable(state)
-
-    def _on_shard_error(self, exn: Exception) -> bool:
-        # A truncated tar raises twice (reading the cut member, then moving past it): count a shard read once.
-        reading = self._pass.reading
-        if reading is None or reading.errors == 0:
-            self.stats.add("shard_error")
-            url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in self.urls), "?")
-            _SKIP_LOG.warn("shard_error", "-", url, repr(exn)[:300])
-        if reading is not None:
-            reading.errors += 1
-        return True  # continue with the next entry / shard
-
-    def _track_raw(self, src: Iterable[dict]) -> Iterator[dict]:
-        state = self._pass
-        for sample in src:
-            state.raw += 1
-            if state.reading is not None:
-                state.reading.raw += 1
-                sample["__read__"] = state.reading  # so that decoding can count this read's samples
-            yield sample
-
-    def _shuffle_samples(self, src: Iterable[dict]) -> Iterator[dict]:
-        # A buffer of raw (still encoded) samples: shuffling before decoding keeps the buffer small.
+    def pipeline(self, epoch: int, resume: Resume | None = None) -> Iterator[dict[str, Any]]:
+        """One pass: epoch `epoch` of this DataLoader worker (or of this process without workers), continuing an
+        interrupted epoch after what `resume` says was trained."""
+        state = PassState(self.stats)
         rank, _ = self.current_node()
-        worker, _ = worker_info()
-        salt = self._resume_salt() if self.resampled else ""  # a plain pass keeps its order (and skips)
-        rng = random.Random(f"{self.seed}/{self._pass.epoch}/{rank}/{worker}/samples{salt}")
-        buffer: list[dict] = []
-        for sample in src:
-            buffer.append(sample)
-            if len(buffer) >= self.shuffle_buffer:
-                i = rng.randrange(len(buffer))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _resume_salt(self) -> str:
-        resume = self._pass.resume
-        return "" if resume is None else f"/resumed-at-step-{resume.step}"
-
-    def _skip_consumed(self, src: Iterable[dict]) -> Iterator[dict]:
-        # Before decoding, so skipping costs reading only. Exact unless skipped samples included bad ones.
-        resume = self._pass.resume
-        n = 0 if resume is None else resume.consumed(*worker_info())
-        return itertools.islice(src, n, None)
-
-    def _skip(self, reason: str, key: str, url: str, detail: str) -> None:
-        self._pass.skipped += 1
-        self.stats.add(reason)
-        _SKIP_LOG.warn(reason, key, url, detail)
-
-    def _check_usable(self, state: _Pass) -> None:
-        # A resampled stream never ends, so "nothing usable" has to be decided on the way: exactly when every
-        # shard has been read through and all it held was skipped.
-        if self.resampled and state.every_shard_read_and_skipped(self.urls):
-            raise NoUsableDataError(self._nothing_usable_message(state))
-
-    def _decode(self, src: Iterable[dict]) -> Iterator[dict[str, Any]]:
-        state = self._pass
-        for sample in src:
-            read = sample.pop("__read__", None)
-            decoded = self._decode_sample(sample)
-            if read is not None:
-                read.decoded += 1
-            if decoded is None:
-                if read is not None and read.complete:
-                    self._check_usable(state)
-                continue
-            state.usable += 1
-            self.stats.add("yielded")
-            yield decoded
-
-        # Only reached when the shards ran out (not resampled).
-        if state.usable == 0 and state.shards:
-            _, num_workers = worker_info()
-            message = self._nothing_usable_message(state)
-            if num_workers <= 1:
-                raise NoUsableDataError(message)
-            # Another worker may have good shards: ShardLoader raises if the whole loader yields nothing.
-            logger.warning("%s (this worker only)", message)
-
-    def _decode_sample(self, sample: dict) -> dict[str, Any] | None:
-        """{"image", "caption", "key"}, or None after counting and logging why the sample is skipped."""
-        key = str(sample.get("__key__", "?"))
-        url = str(sample.get("__url__", "?"))
-        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if data is None:
-            members = sorted(k for k in sample if not k.startswith("__"))
-            self._skip("no_image", key, url, f"members {members}")
-            return None
-        raw_caption = sample.get("txt")
-        caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption is not None else ""
-        if not caption:
-            if self.missing_caption == "skip":
-                self._skip("no_caption", key, url, "no .txt" if raw_caption is None else "empty .txt")
-                return None
-            self.stats.add("empty_caption")
-        try:
-            image = self.transform(decode_image(data, draft_size=self.draft_size))
-        except Exception as exn:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
-            self._skip("corrupt_image", key, url, repr(exn)[:200])
-            return None
-        return {"image": image, "caption": caption, "key": key}
-
-    def _cut_epoch(self, src: Iterable[dict]) -> Iterator[dict]:
         worker, num_workers = worker_info()
-        resume = self._pass.resume
-        done = 0 if resume is None else resume.consumed(worker, num_workers)
-        return itertools.islice(src, max(0, self.samples_per_worker(worker, num_workers) - done))
+        # A resumed resampled epoch is drawn afresh (so it does not replay the epoch's start); a plain pass keeps
+        # its order and skips what was trained instead.
+        salt = "" if resume is None or not self.resampled else f"/resumed-at-step-{resume.step}"
+        consumed = 0 if resume is None else resume.consumed(worker, num_workers)
 
-    def _batch_by_bucket(self, src: Iterable[dict]) -> Iterator[dict]:
-        if self.bucket_batch_size is None:
-            raise RuntimeError("a bucketed ShardDataset batches itself: read it through a ShardLoader")
-        return batch_by_bucket(src, self.bucket_batch_size, collate_samples)
+        if self.resampled:
+            urls = resampled_shards(self.urls, seed=f"{self.seed}/{epoch}/{rank}/{worker}/shards{salt}")
+            # A resampled stream never ends, so "nothing usable" has to be decided on the way.
+            check = stop_when_every_shard_is_skipped(self.urls, self.nothing_usable_message)
+        else:
+            urls = shard_order(self.urls, seed=f"{self.seed}/{epoch}/shards" if self.shuffle else None)
+            if self.split_nodes:
+                urls = split_by_node(urls, self.node)
+            urls = wds.split_by_worker(urls)
+            check = None
+        samples = wds.tarfile_samples(track_shards(urls, state, check), handler=shard_error_handler(state, self.urls))
+        samples = count_raw(samples, state)
+        if self.shuffle and self.shuffle_buffer > 1:
+            samples = shuffle_samples(samples, self.shuffle_buffer,
+                                      seed=f"{self.seed}/{epoch}/{rank}/{worker}/samples{salt}")
+        if not self.resampled:
+            # Before decoding, so skipping costs reading only. Exact unless skipped samples included bad ones.
+            samples = itertools.islice(samples, consumed, None)
+        decoded = decode(samples, self.decoder, state, check)
+        if not self.resampled:
+            decoded = fail_if_nothing_usable(decoded, state, self.nothing_usable_message, num_workers)
+        if self.epoch_length is not None:
+            decoded = itertools.islice(decoded, max(0, self.samples_per_worker(worker, num_workers) - consumed))
+        return decoded
 
     def samples_per_worker(self, worker: int, num_workers: int) -> int:
         """This worker's share of `epoch_length` (samples per rank), so that all workers together give exactly
@@ -576,27 +205,13 @@ class ShardDataset(wds.DataPipeline):
         base, extra = divmod(self.epoch_length, num_workers)
         return base + (1 if worker < extra else 0)
 
-    def _nothing_usable_message(self, state: _Pass) -> str:
+    def nothing_usable_message(self, state: PassState) -> str:
         shards = sorted(set(state.shards))
         return (
-            f"no usable samples in shards [{_shorten(shards)}] (shard spec {self.spec!r}): read {state.raw} "
+            f"no usable samples in shards [{shorten(shards)}] (shard spec {self.spec!r}): read {state.raw} "
             f"samples, skipped {state.skipped}; counts so far {self.stats.as_dict()}. Check that images decode "
             f"and have a .txt caption (missing_caption={self.missing_caption!r})."
         )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Batching
-# --------------------------------------------------------------------------------------------------------------
-
-
-def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """[{"image": (3,R,R), "caption": str, "key": str}, ...] → {"image": (B,3,R,R), "caption": [B], "key": [B]}:
-    tensors are stacked, other values listed (whatever the fields, e.g. cached latents)."""
-    return {
-        name: torch.stack([s[name] for s in samples]) if isinstance(value, torch.Tensor) else [s[name] for s in samples]
-        for name, value in samples[0].items()
-    }
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -628,14 +243,14 @@ class ShardLoader:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.drop_last = drop_last
+        # With buckets, each worker makes one-bucket batches itself and the DataLoader passes them on.
         bucketed = getattr(dataset, "buckets", None) is not None
-        if bucketed:
-            dataset.bucket_batch_size = batch_size  # the dataset makes one-bucket batches itself
+        source = BucketBatches(dataset, batch_size, dataset.decoder.collate) if bucketed else dataset
         self.loader = torch.utils.data.DataLoader(
-            dataset,
+            source,
             batch_size=None if bucketed else batch_size,
             num_workers=num_workers,
-            collate_fn=_as_is if bucketed else getattr(dataset, "collate_fn", collate_samples),
+            collate_fn=_as_is if bucketed else dataset.decoder.collate,
             pin_memory=pin_memory,
             drop_last=drop_last and not bucketed,
             persistent_workers=persistent_workers and num_workers > 0,
@@ -651,20 +266,16 @@ class ShardLoader:
         self._resume = Resume(batches, self.batch_size, step) if batches > 0 else None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Each pass first gives the dataset its epoch and resume position: this process's dataset takes them,
+        # and so do the copies that DataLoader workers make when they start (persistent ones then go on alone).
         resumed = self._resume is not None
         self.shard_dataset.set_epoch(self._epoch, self._resume)
         self._resume = None
         self._epoch += 1
         batches = 0
-        try:
-            for batch in self.loader:
-                # Taken by now (by this process's pass, or by the workers' copies of the dataset): later passes,
-                # e.g. of workers started afresh each epoch, begin at their epoch's start.
-                self.shard_dataset.resume = None
-                batches += 1
-                yield batch
-        finally:
-            self.shard_dataset.resume = None
+        for batch in self.loader:
+            batches += 1
+            yield batch
         if batches == 0 and not resumed:  # a resumed epoch may have had nothing left
             raise NoUsableDataError(self._empty_message())
 
@@ -680,7 +291,7 @@ class ShardLoader:
         rank, world_size = self.shard_dataset.current_node()
         urls = self.shard_dataset.urls
         message = (
-            f"no batches from shard spec {self.shard_dataset.spec!r} ({_shorten(urls)}) "
+            f"no batches from shard spec {self.shard_dataset.spec!r} ({shorten(urls)}) "
             f"on rank {rank}/{world_size}; "
             f"{self.shard_dataset.stats.as_dict()}."
         )

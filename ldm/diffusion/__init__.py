@@ -1,10 +1,12 @@
 """The diffusion process, kept apart from the network and the training loop.
 
-schedule (betas, ᾱ, x_t, SNR, sampling timesteps) → objectives (eps / v / x0 targets, loss weights)
-→ samplers (DDIM, DDPM) → guidance (classifier-free guidance as a model_fn wrapper).
+schedule (betas, ᾱ, x_t, SNR, the timestep spacing of every sampler) → objectives (eps / v / x0 targets, loss
+weights) → samplers (DDIM, DDPM, DPM-Solver++(2M), Euler ancestral, one signature: sampler_common) → guidance
+(classifier-free guidance as a model_fn wrapper).
 """
 
 from ldm.diffusion.guidance import DEFAULT_CFG_SCALE, cfg_model_fn, rescale_noise_cfg
+from ldm.diffusion.k_samplers import sample_dpmpp_2m, sample_euler_ancestral
 from ldm.diffusion.objectives import (
     PREDICTION_TYPES,
     diffusion_loss,
@@ -16,7 +18,7 @@ from ldm.diffusion.objectives import (
     training_target,
     v_target,
 )
-from ldm.diffusion.samplers import SAMPLERS, get_sampler, sample_ddim, sample_ddpm
+from ldm.diffusion.samplers import SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sampler_timesteps
 from ldm.diffusion.schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
@@ -46,8 +48,11 @@ __all__ = [
     "rescale_zero_terminal_snr",
     "sample_ddim",
     "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_euler_ancestral",
     "sample_noise",
     "sample_offset_noise",
+    "sampler_timesteps",
     "sampling_timesteps",
     "training_target",
     "v_target",

@@ -1,19 +1,21 @@
 """Samplers that step in σ (noise-to-signal) or λ (log-SNR) space: DPM-Solver++(2M) and Euler ancestral.
 
-They keep the signature of `ldm.diffusion.samplers`: sampler(model_fn, x_T, schedule, *, num_steps, ...).
-x_T is the VP sample z_T ~ N(0, I) as for DDIM, and `callback` sees (and may replace) the VP sample z_t, so a
-callback written for DDIM (latent blending, Attend-and-Excite) works unchanged. Internally
+They keep the signature of every sampler (`ldm.diffusion.sampler_common`): sampler(model_fn, x_T, schedule,
+*, num_steps, ...). x_T is the VP sample z_T ~ N(0, I) as for DDIM, and `callback` sees (and may replace) the
+VP sample z_t, so a callback written for DDIM (latent blending, Attend-and-Excite) works unchanged. Internally
 
     σ_t = √((1 − ᾱ_t)/ᾱ_t),   z_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε  ⇔  x_σ = z_t/√ᾱ_t = z_t·√(1 + σ²) = x0 + σ·ε
 
 Timesteps follow diffusers' `set_timesteps` for DPMSolverMultistepScheduler and EulerAncestralDiscreteScheduler
-(their default spacing is "linspace"). Euler ancestral interpolates σ linearly at fractional timesteps, as
-diffusers does; the model then gets t as float32. Every other sampler passes t as long.
+(their default spacing is "linspace"), through the spacing rule of every sampler, `sampling_timesteps`. Euler
+ancestral interpolates σ linearly at fractional timesteps, as diffusers does; the model then gets t as float32.
+Every other sampler passes t as long.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +23,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ldm.diffusion.objectives import ModelFn, pred_to_x0_eps
-from ldm.diffusion.samplers import Callback, NoiseFn, _run_callback, _step_noise
-from ldm.diffusion.schedule import NoiseSchedule, TimestepSpacing
+from ldm.diffusion.sampler_common import Callback, NoiseFn, run_callback, step_noise
+from ldm.diffusion.schedule import NoiseSchedule, TimestepSpacing, sampling_timesteps
 
 # A zero-terminal-SNR schedule has ᾱ_T = 0, i.e. σ_T = ∞. As diffusers does, floor ᾱ at the smallest
 # positive float16 subnormal so that the first σ is large but finite.
@@ -34,55 +36,47 @@ def _alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
     return np.maximum(schedule.alphas_cumprod_float64().numpy(), MIN_ALPHA_CUMPROD)
 
 
-def _check_spacing(spacing: str) -> None:
-    if spacing not in ("linspace", "leading", "trailing"):
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose 'linspace', 'leading' or 'trailing'")
-
-
 def dpm_solver_timesteps(
     num_steps: int, num_train_timesteps: int, spacing: TimestepSpacing = "linspace", steps_offset: int = 0
 ) -> list[int]:
-    """Integer timesteps of diffusers' DPMSolverMultistepScheduler.set_timesteps (N + 1 points, last dropped).
-
-    - linspace: round(linspace(0, T − 1, N + 1)) reversed, without the final 0 (999, 979, …, 20 for N = 50).
-    - leading:  arange(N + 1)·(T // (N + 1)) reversed, without the 0, + steps_offset.
-    - trailing: round(arange(T, 0, −T/N)) − 1.
-    """
-    _check_spacing(spacing)
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be between 1 and {num_train_timesteps}, got {num_steps}")
-    T = num_train_timesteps
-    if spacing == "linspace":
-        timesteps = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-    elif spacing == "leading":
-        ratio = T // (num_steps + 1)
-        timesteps = (np.arange(num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
-    else:
-        timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
-    return [int(t) for t in timesteps]
+    """Integer timesteps of diffusers' DPMSolverMultistepScheduler.set_timesteps: N + 1 points, the lowest
+    dropped (the last step lands on σ = 0), e.g. 999, 979, …, 20 for linspace and N = 50."""
+    return sampling_timesteps(num_steps, num_train_timesteps, spacing, steps_offset, drop_lowest=True).tolist()
 
 
 def euler_timesteps(
     num_steps: int, num_train_timesteps: int, spacing: TimestepSpacing = "linspace", steps_offset: int = 0
 ) -> list[float]:
-    """Timesteps of diffusers' EulerAncestralDiscreteScheduler.set_timesteps, in float32 as there.
+    """Timesteps of diffusers' EulerAncestralDiscreteScheduler.set_timesteps, in float32 as there: linspace
+    is not rounded (999, 978.6, …, 0 for N = 50)."""
+    return sampling_timesteps(num_steps, num_train_timesteps, spacing, steps_offset, integral=False).tolist()
 
-    - linspace: linspace(0, T − 1, N) reversed, not rounded (999, 978.6, …, 0 for N = 50).
-    - leading:  arange(N)·(T // N) reversed, + steps_offset.
-    - trailing: round(arange(T, 0, −T/N)) − 1.
-    """
-    _check_spacing(spacing)
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be between 1 and {num_train_timesteps}, got {num_steps}")
-    T = num_train_timesteps
-    if spacing == "linspace":
-        timesteps = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1]
-    elif spacing == "leading":
-        ratio = T // num_steps
-        timesteps = (np.arange(num_steps) * ratio).round()[::-1].astype(np.float32) + steps_offset
-    else:
-        timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.float32) - 1
-    return [float(t) for t in timesteps]
+
+def dpmpp_2m_timesteps(
+    schedule: NoiseSchedule,
+    *,
+    num_steps: int = 25,
+    timestep_spacing: TimestepSpacing = "linspace",
+    steps_offset: int = 0,
+    **_other_options: Any,
+) -> Tensor:
+    """The (N,) int64 timesteps sample_dpmpp_2m visits with these options (its defaults are the same)."""
+    return sampling_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset, drop_lowest=True)
+
+
+def euler_ancestral_timesteps(
+    schedule: NoiseSchedule,
+    *,
+    num_steps: int = 50,
+    timestep_spacing: TimestepSpacing = "linspace",
+    steps_offset: int = 0,
+    **_other_options: Any,
+) -> Tensor:
+    """The (N,) timesteps sample_euler_ancestral passes to its model with these options (its defaults are the
+    same): int64 when they all fall on training timesteps, else float32 (fractional linspace timesteps)."""
+    timesteps = sampling_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset, integral=False)
+    # On training timesteps the model gets t as long, like every other sampler's model.
+    return timesteps.long() if bool((timesteps == timesteps.round()).all()) else timesteps
 
 
 def _timestep_batch(t: float, batch: int, device: torch.device, integral: bool) -> Tensor:
@@ -126,7 +120,9 @@ def sample_dpmpp_2m(
     Deterministic: generator and noise_fn are accepted for the common signature and unused.
     """
     alphas_cumprod = _alphas_cumprod(schedule)
-    timesteps = dpm_solver_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset)
+    timesteps = dpmpp_2m_timesteps(
+        schedule, num_steps=num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset
+    ).tolist()
     # ᾱ at each timestep, then 1 for the final σ = 0.
     abar = [float(alphas_cumprod[t]) for t in timesteps] + [1.0]
     x = x_T
@@ -153,7 +149,7 @@ def sample_dpmpp_2m(
             denoised = x0 + 0.5 * d1_scale * (x0 - x0_prev)
         x_next = (sigma_t / sigma_s) * x - alpha_t * (exp_neg_h - 1.0) * denoised
         x0_prev = x0
-        x = _run_callback(callback, x_next.to(x_T.dtype), {"i": i, "t": t, "x0_pred": x0})
+        x = run_callback(callback, x_next.to(x_T.dtype), {"i": i, "t": t, "x0_pred": x0})
     return x
 
 
@@ -187,8 +183,11 @@ def sample_euler_ancestral(
     0.2 % smaller at SD's σ_max = 14.6.)
     """
     alphas_cumprod = _alphas_cumprod(schedule)
-    timesteps = euler_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset)
-    integral = all(t == int(t) for t in timesteps)
+    declared = euler_ancestral_timesteps(
+        schedule, num_steps=num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset
+    )
+    integral = declared.dtype == torch.long
+    timesteps = declared.tolist()
     train_sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # (T,) float64
     sigmas = [float(s) for s in np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)] + [0.0]
 
@@ -206,15 +205,22 @@ def sample_euler_ancestral(
         derivative = (x - x0) / sigma
         x = x + derivative * (sigma_down - sigma)
         if sigma_up > 0:
-            x = x + sigma_up * _step_noise(i, x, noise_fn, generator)
+            x = x + sigma_up * step_noise(i, x, noise_fn, generator)
 
         scale_next = math.sqrt(1.0 + sigma_next**2)
         z_next = (x / scale_next).to(x_T.dtype)
-        replaced = _run_callback(callback, z_next, {"i": i, "t": t, "x0_pred": x0})
+        replaced = run_callback(callback, z_next, {"i": i, "t": t, "x0_pred": x0})
         # Only a replaced sample is mapped back: the common path keeps x_σ bit for bit.
         if replaced is not z_next:
             x = replaced * scale_next
     return (x / math.sqrt(1.0 + sigmas[-1] ** 2)).to(x_T.dtype)
 
 
-__all__ = ["dpm_solver_timesteps", "euler_timesteps", "sample_dpmpp_2m", "sample_euler_ancestral"]
+__all__ = [
+    "dpm_solver_timesteps",
+    "dpmpp_2m_timesteps",
+    "euler_ancestral_timesteps",
+    "euler_timesteps",
+    "sample_dpmpp_2m",
+    "sample_euler_ancestral",
+]

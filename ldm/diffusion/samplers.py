@@ -1,32 +1,32 @@
-"""Reverse-process samplers: pure functions with one signature, sampler(model_fn, x_T, schedule, *, ...).
+"""The sampler registry, and the two samplers that step between training timesteps on ᾱ: DDIM and DDPM.
 
-`model_fn(x_t, t)` gets x_t (B, ...) and t as a (B,) long tensor on x_t's device and returns the prediction
-of `prediction_type` (eps, v or x0). Samplers never look inside the model, never choose a device and keep the
-sample in x_T's dtype. The schedule's ᾱ values enter as Python floats (float64).
+Every sampler keeps one signature, sampler(model_fn, x_T, schedule, *, num_steps, ...) → x_0, and the noise
+and callback conventions of `ldm.diffusion.sampler_common`. DDIM and DDPM take ᾱ as Python floats (float64);
+the σ-space samplers (DPM-Solver++(2M), Euler ancestral) live in `ldm.diffusion.k_samplers`.
 
-Per-step noise comes from `noise_fn(step_index, shape)` if given (tests feed two implementations the same
-noise this way), else from `generator`, else from the global RNG.
-
-`callback(info)` runs after every step with info = {"i": step index, "t": timestep, "x": the sample after the
-step, "x0_pred": the x0 prediction at t}. If it returns a tensor, that tensor replaces the sample (latent
-blending in prompt editing needs this).
+    SAMPLERS / get_sampler(name)                   name → sampler function
+    sampler_timesteps(name, schedule, **options)   the timesteps that sampler visits, without running it
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.diffusion.objectives import ModelFn, pred_to_x0_eps, sample_noise
+from ldm.diffusion.k_samplers import (
+    dpmpp_2m_timesteps,
+    euler_ancestral_timesteps,
+    sample_dpmpp_2m,
+    sample_euler_ancestral,
+)
+from ldm.diffusion.objectives import ModelFn, pred_to_x0_eps
+from ldm.diffusion.sampler_common import Callback, NoiseFn, Sampler, TimestepsFn, run_callback, step_noise
 from ldm.diffusion.schedule import NoiseSchedule, TimestepSpacing, sampling_timesteps
 
-NoiseFn = Callable[[int, tuple[int, ...]], Tensor]
-Callback = Callable[[dict[str, Any]], "Tensor | None"]
 VarianceType = Literal["fixed_small", "fixed_large"]
 
 # x0 predictions are clipped to the data range [−1, 1] when clip_sample is on (pixel-space models; latents
@@ -36,26 +36,21 @@ CLIP_SAMPLE_RANGE = 1.0
 POSTERIOR_VARIANCE_FLOOR = 1e-20
 
 
-class Sampler(Protocol):
-    def __call__(self, model_fn: ModelFn, x_T: Tensor, schedule: NoiseSchedule, **kwargs: Any) -> Tensor: ...
-
-
-def _step_noise(i: int, x: Tensor, noise_fn: NoiseFn | None, generator: torch.Generator | None) -> Tensor:
-    if noise_fn is not None:
-        return noise_fn(i, tuple(x.shape)).to(device=x.device, dtype=x.dtype)
-    return sample_noise(tuple(x.shape), x, generator)
-
-
-def _run_callback(callback: Callback | None, x: Tensor, info: dict[str, Any]) -> Tensor:
-    if callback is None:
-        return x
-    replaced = callback({**info, "x": x})
-    return x if replaced is None else replaced
-
-
 def _alphas_cumprod_host(schedule: NoiseSchedule) -> list[float]:
     # Host-side float64 values: no device sync per step, and no float32 cancellation in 1 − ᾱ_t/ᾱ_prev.
     return schedule.alphas_cumprod_float64().tolist()
+
+
+def ddim_timesteps(
+    schedule: NoiseSchedule,
+    *,
+    num_steps: int = 50,
+    timestep_spacing: TimestepSpacing = "leading",
+    steps_offset: int = 1,
+    **_other_options: Any,
+) -> Tensor:
+    """The (N,) int64 timesteps sample_ddim visits with these options (its defaults are the same)."""
+    return sampling_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset)
 
 
 @torch.no_grad()
@@ -85,7 +80,9 @@ def sample_ddim(
     With clip_sample the clipped x̂0 is used for the mean but ε̂ stays the model's (diffusers' default).
     """
     alphas_cumprod = _alphas_cumprod_host(schedule)
-    timesteps = sampling_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset).tolist()
+    timesteps = ddim_timesteps(
+        schedule, num_steps=num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset
+    ).tolist()
     final_alpha_cumprod = 1.0 if set_alpha_to_one else alphas_cumprod[0]
     x = x_T
     batch = x.shape[0]
@@ -104,9 +101,22 @@ def sample_ddim(
         direction = math.sqrt(max(1 - alpha_prev - sigma**2, 0.0))
         x_prev = math.sqrt(alpha_prev) * x0 + direction * eps
         if eta > 0:
-            x_prev = x_prev + sigma * _step_noise(i, x, noise_fn, generator)
-        x = _run_callback(callback, x_prev.to(x_T.dtype), {"i": i, "t": t, "x0_pred": x0})
+            x_prev = x_prev + sigma * step_noise(i, x, noise_fn, generator)
+        x = run_callback(callback, x_prev.to(x_T.dtype), {"i": i, "t": t, "x0_pred": x0})
     return x
+
+
+def ddpm_timesteps(
+    schedule: NoiseSchedule,
+    *,
+    num_steps: int | None = None,
+    timestep_spacing: TimestepSpacing = "leading",
+    steps_offset: int = 0,
+    **_other_options: Any,
+) -> Tensor:
+    """The (N,) int64 timesteps sample_ddpm visits with these options; num_steps None is every training step."""
+    num_steps = schedule.num_timesteps if num_steps is None else num_steps
+    return sampling_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset)
 
 
 @torch.no_grad()
@@ -136,9 +146,9 @@ def sample_ddpm(
     if variance_type not in ("fixed_small", "fixed_large"):
         raise ValueError(f"unknown variance_type {variance_type!r}; choose 'fixed_small' or 'fixed_large'")
     alphas_cumprod = _alphas_cumprod_host(schedule)
-    if num_steps is None:
-        num_steps = schedule.num_timesteps
-    timesteps = sampling_timesteps(num_steps, schedule.num_timesteps, timestep_spacing, steps_offset).tolist()
+    timesteps = ddpm_timesteps(
+        schedule, num_steps=num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset
+    ).tolist()
     x = x_T
     batch = x.shape[0]
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="DDPM")):
@@ -161,13 +171,10 @@ def sample_ddpm(
                 (1 - alpha_cumprod_prev) / (1 - alpha_cumprod_t) * beta_t, POSTERIOR_VARIANCE_FLOOR
             )
             variance = posterior_variance if variance_type == "fixed_small" else beta_t
-            x_prev = x_prev + math.sqrt(variance) * _step_noise(i, x, noise_fn, generator)
-        x = _run_callback(callback, x_prev.to(x_T.dtype), {"i": i, "t": t, "x0_pred": x0})
+            x_prev = x_prev + math.sqrt(variance) * step_noise(i, x, noise_fn, generator)
+        x = run_callback(callback, x_prev.to(x_T.dtype), {"i": i, "t": t, "x0_pred": x0})
     return x
 
-
-# σ-space samplers live in their own module, which imports the helpers above.
-from ldm.diffusion.k_samplers import sample_dpmpp_2m, sample_euler_ancestral  # noqa: E402
 
 SAMPLERS: dict[str, Sampler] = {
     "ddim": sample_ddim,
@@ -175,11 +182,55 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler_a": sample_euler_ancestral,
 }
+# The timesteps each registered sampler visits, declared next to it and computed by the same function it uses.
+SAMPLER_TIMESTEPS: dict[str, TimestepsFn] = {
+    "ddim": ddim_timesteps,
+    "ddpm": ddpm_timesteps,
+    "dpmpp_2m": dpmpp_2m_timesteps,
+    "euler_a": euler_ancestral_timesteps,
+}
 
 
 def get_sampler(name: str) -> Sampler:
-    """The sampler function registered under `name` ("ddim" or "ddpm")."""
+    """The sampler function registered under `name`:
+
+    - "ddim": DDIM (Song et al. 2021); η = 0 deterministic, η = 1 DDPM-like. Defaults: 50 steps, leading
+      spacing with steps_offset = 1 (Stable Diffusion's).
+    - "ddpm": ancestral sampling from the DDPM posterior (Ho et al. 2020); every training step by default.
+    - "dpmpp_2m": DPM-Solver++(2M) (Lu et al. 2022), a deterministic second-order multistep ODE solver;
+      25 steps, linspace spacing.
+    - "euler_a": Euler ancestral, an Euler step of the σ-space ODE (Karras et al. 2022) plus fresh noise
+      (k-diffusion's sample_euler_ancestral); 50 steps, linspace spacing.
+    """
     try:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
+
+
+def sampler_timesteps(name: str, schedule: NoiseSchedule, **options: Any) -> Tensor:
+    """The timesteps the sampler `name` passes to its model_fn, in order, for these sampler options: a (N,)
+    tensor, int64 (float32 for Euler ancestral's fractional linspace timesteps), the dtype model_fn gets.
+
+    No model runs. `options` are the sampler's keyword arguments as they would be passed to it; those that do
+    not move the timesteps (eta, prediction_type, callback, …) are ignored.
+    """
+    get_sampler(name)  # one error message for an unknown name
+    if name not in SAMPLER_TIMESTEPS:
+        raise ValueError(f"sampler {name!r} declares no timesteps; samplers that do: {sorted(SAMPLER_TIMESTEPS)}")
+    return SAMPLER_TIMESTEPS[name](schedule, **options)
+
+
+__all__ = [
+    "SAMPLERS",
+    "SAMPLER_TIMESTEPS",
+    "Callback",
+    "NoiseFn",
+    "Sampler",
+    "ddim_timesteps",
+    "ddpm_timesteps",
+    "get_sampler",
+    "sample_ddim",
+    "sample_ddpm",
+    "sampler_timesteps",
+]

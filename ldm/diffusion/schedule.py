@@ -72,31 +72,46 @@ def sampling_timesteps(
     num_train_timesteps: int = 1000,
     spacing: TimestepSpacing = "leading",
     steps_offset: int = 0,
+    *,
+    drop_lowest: bool = False,
+    integral: bool = True,
 ) -> Tensor:
-    """The descending training timesteps visited by an N-step sampler (as diffusers' DDIMScheduler).
+    """The descending training timesteps an N-step sampler visits: the one spacing rule of every sampler.
 
+    The three spacings of diffusers' schedulers (Lin et al. 2023, Table 2, name them):
     - leading:  arange(N)·(T // N) reversed, + steps_offset (SD: steps_offset = 1 → 981, 961, …, 1).
     - trailing: round(arange(T, 0, −T/N)) − 1 (999, 979, …, 19): starts at the noisiest step.
-    - linspace: round(linspace(0, T − 1, N)) reversed.
-    steps_offset only shifts "leading", as in diffusers. Returns a LongTensor of shape (N,) on the CPU.
+    - linspace: linspace(0, T − 1, N) reversed, rounded when `integral`.
+    steps_offset only shifts "leading", as in diffusers.
+
+    drop_lowest: lay out N + 1 points and leave out the lowest, for solvers whose last step lands on σ = 0
+        (ᾱ = 1) instead of on a training timestep (DPM-Solver). Trailing spacing never reaches its low end
+        (t = 0 would be point N + 1), so it is unchanged.
+    integral: round to integer timesteps and return int64; False keeps linspace's fractional timesteps and
+        returns float32 (Euler samplers interpolate σ between training timesteps there).
+
+    Returns a tensor of shape (N,) on the CPU, int64 or float32.
     """
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be between 1 and num_train_timesteps={num_train_timesteps}, got {num_steps}")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+    num_points = num_steps + 1 if drop_lowest and spacing != "trailing" else num_steps
     # numpy on purpose: its float arange/linspace land on exact .5 values differently from torch's, and
     # round-half-to-even then picks a different integer (e.g. trailing, N = 48: 937.5).
     if spacing == "leading":
-        step_ratio = num_train_timesteps // num_steps
-        timesteps = np.arange(num_steps, dtype=np.int64)[::-1] * step_ratio + steps_offset
+        step_ratio = num_train_timesteps // num_points
+        timesteps = np.arange(num_points, dtype=np.float64)[::-1] * step_ratio + steps_offset
     elif spacing == "trailing":
-        step_ratio = num_train_timesteps / num_steps
+        step_ratio = num_train_timesteps / num_points
         # For some N (e.g. 61) the float arange overshoots by one element just above 0: keep the first N.
-        timesteps = np.round(np.arange(num_train_timesteps, 0, -step_ratio))[:num_steps].astype(np.int64) - 1
-    elif spacing == "linspace":
-        timesteps = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1].astype(np.int64)
+        timesteps = np.round(np.arange(num_train_timesteps, 0, -step_ratio))[:num_points] - 1
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
-    timesteps = torch.from_numpy(timesteps.copy())
-    if int(timesteps.max()) >= num_train_timesteps or int(timesteps.min()) < 0:
+        timesteps = np.linspace(0, num_train_timesteps - 1, num_points)[::-1]
+    timesteps = timesteps[:num_steps]
+    # float64 → float32 after the arithmetic, as diffusers' Euler schedulers do.
+    timesteps = torch.from_numpy(timesteps.round().astype(np.int64) if integral else timesteps.astype(np.float32))
+    if float(timesteps.max()) > num_train_timesteps - 1 or float(timesteps.min()) < 0:
         raise ValueError(
             f"{spacing} spacing with num_steps={num_steps}, steps_offset={steps_offset} gives timesteps outside "
             f"[0, {num_train_timesteps - 1}]; lower steps_offset or num_steps"

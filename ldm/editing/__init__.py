@@ -5,7 +5,7 @@
     Attend-and-Excite     attend_and_excite(pipe, prompt, words, ...) → (result, per-step losses)
 
 All three act through attention controllers (`controllers`), which see each layer's probabilities only while
-installed, and sample with `sample_shared_noise`, the pipeline's generate procedure for one seed.
+installed, and sample with the pipeline's `generate(..., shared_noise=True)`: every prompt from one seed's noise.
 """
 
 from ldm.editing.attend_excite import AttendExcite, attend_and_excite, gaussian_kernel
@@ -22,7 +22,6 @@ from ldm.editing.controllers import (
     attention_layer_strides,
     cross_attention_grids,
     default_attention_grid,
-    sample_shared_noise,
     select_layers,
     use_controller,
 )
@@ -50,7 +49,6 @@ __all__ = [
     "prompt_to_prompt",
     "refinement_mapper",
     "replacement_mapper",
-    "sample_shared_noise",
     "save_attention_figure",
     "save_edit_figure",
     "select_layers",

@@ -35,13 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.editing.attention_maps import CrossAttentionStore, token_indices
-from ldm.editing.controllers import (
-    default_attention_grid,
-    pipeline_option,
-    sample_shared_noise,
-    select_layers,
-    use_controller,
-)
+from ldm.editing.controllers import default_attention_grid, select_layers, use_controller
 from ldm.modules.unet import UNetModel
 
 if TYPE_CHECKING:
@@ -196,8 +190,8 @@ def attend_and_excite(
     """
     if generate_kwargs.pop("n", 1) != 1:
         raise ValueError("attend_and_excite makes one image; call it per seed")
-    steps = int(pipeline_option(pipe, steps, "steps", 50))
-    cfg_scale = float(pipeline_option(pipe, cfg_scale, "cfg_scale", 7.5))
+    steps = int(pipe.option(steps, "steps", 50))
+    cfg_scale = float(pipe.option(cfg_scale, "cfg_scale", 7.5))
     size = int(generate_kwargs.get("image_size") or pipe.image_size)
     latent = size // pipe.autoencoder.downsampling_factor
     if attention_res is None:
@@ -217,7 +211,7 @@ def attend_and_excite(
         positions,
         grid,
         steps,
-        chunk_length=getattr(pipe.conditioner, "chunk_length", 77),
+        chunk_length=pipe.conditioner.tokens_per_chunk,
         max_iter_to_alter=max_iter_to_alter,
         thresholds=thresholds,
         scale_factor=scale_factor,
@@ -228,8 +222,8 @@ def attend_and_excite(
         max_refinement_steps=max_refinement_steps,
     )
     log.info("attend-and-excite on %r, tokens %s, %d×%d attention", prompt, positions, *grid)
-    result = sample_shared_noise(
-        pipe, [prompt], steps=steps, negative_prompt=negative_prompt, cfg_scale=cfg_scale, before_step=excite,
+    result = pipe.generate(
+        [prompt], shared_noise=True, steps=steps, negative_prompt=negative_prompt, cfg_scale=cfg_scale, before_step=excite,
         **generate_kwargs,
     )
     last = max(excite.losses, default=-1)

@@ -15,14 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ldm.editing.controllers import (
-    AttentionController,
-    default_attention_grid,
-    pipeline_option,
-    sample_shared_noise,
-    select_layers,
-    use_controller,
-)
+from ldm.editing.controllers import AttentionController, default_attention_grid, select_layers, use_controller
 from ldm.modules.transformer import Attention
 
 if TYPE_CHECKING:
@@ -181,7 +174,7 @@ def generate_with_attention_maps(
         raise ValueError("generate_with_attention_maps makes one image; call it per seed")
     if keep not in ("content", "all"):
         raise ValueError(f"keep must be 'content' or 'all', got {keep!r}")
-    steps = int(pipeline_option(pipe, steps, "steps", 50))
+    steps = int(pipe.option(steps, "steps", 50))
     size = int(generate_kwargs.get("image_size") or pipe.image_size)
     latent = size // pipe.autoencoder.downsampling_factor
     if resolution is None:
@@ -195,7 +188,7 @@ def generate_with_attention_maps(
     if not layers:
         raise ValueError(f"no cross-attention layer has a {grid[0]}×{grid[1]} query grid at image size {size}")
     with use_controller(pipe.unet, store, layers):
-        result = sample_shared_noise(pipe, [prompt], steps=steps, **generate_kwargs)
+        result = pipe.generate([prompt], shared_noise=True, steps=steps, **generate_kwargs)
     maps = store.maps()[0].permute(2, 0, 1)  # (Lk, h, w)
     labels = pipe.conditioner.token_strings(prompt)
     # A longer negative prompt pads the context with empty, masked chunks.

@@ -11,36 +11,24 @@ controller knows P (`num_prompts`) and asks `conditional_rows`.
 Steps. The controller counts U-Net forward passes through a forward pre-hook: `step` is the index of the
 pass in progress. Every sampler here calls the network once per step, so `step` is the sampler's step index.
 
-This module also holds `sample_shared_noise`, the sampling loop the editing tools run: the pipeline's
-`generate` procedure for one batch in which every prompt starts from the same seeded noise (Prompt-to-Prompt
-needs the source and the edit to share z_T), with a hook that may change z_t before each step (Attend-and-
-Excite's latent update).
+The editing tools sample with `LatentDiffusionPipeline.generate(..., shared_noise=True)`: one batch in which every
+prompt starts from the same seeded noise (Prompt-to-Prompt needs the source and the edit to share z_T), with its
+hooks for changing z_t after (``callback``) or before (``before_step``, Attend-and-Excite's latent update) a step.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ldm.diffusion.guidance import cfg_model_fn
-from ldm.diffusion.samplers import Callback, get_sampler
 from ldm.modules.transformer import Attention
 from ldm.modules.unet import Downsample, UNetModel, Upsample
 
-if TYPE_CHECKING:
-    from ldm.pipeline import GenerationResult, LatentDiffusionPipeline
-
 log = logging.getLogger(__name__)
-
-# before_step(i, t, z_t) → z_t: runs before the network sees step i. t is the (1,) timestep tensor the
-# sampler passes at that step.
-BeforeStep = Callable[[int, Tensor, Tensor], Tensor]
-
 
 class AttentionController:
     """Base controller: passes probabilities through and keeps the step counter and the latent size."""
@@ -198,108 +186,3 @@ def default_attention_grid(unet: UNetModel, latent_hw: tuple[int, int], max_side
         return next(iter(grids.values()))[0]
     small = [g for g in outer if max(g) <= max_side]
     return small[-1] if small else outer[0]
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-
-
-def pipeline_option(pipe: LatentDiffusionPipeline, value: Any, name: str, fallback: Any) -> Any:
-    """An argument of `generate` as the pipeline resolves it: the value given, else the pipeline's default."""
-    return value if value is not None else pipe.defaults.get(name, fallback)
-
-
-def visited_timesteps(sample_fn: Callable[..., Tensor], schedule: torch.nn.Module, options: dict) -> list[Tensor]:
-    """The timestep tensors (1,) a sampler passes to its model at each step, in order.
-
-    Found by running the sampler once on a zero model and a 1×1×1×1 sample: no network, microseconds per
-    step, and the same answer for every sampler with one model call per step.
-    """
-    seen: list[Tensor] = []
-
-    def probe(x: Tensor, t: Tensor) -> Tensor:
-        seen.append(t[:1].clone())
-        return torch.zeros_like(x)
-
-    dry = {**options, "callback": None, "progress": False, "noise_fn": lambda i, shape: torch.zeros(shape)}
-    sample_fn(probe, torch.zeros(1, 1, 1, 1), schedule, **dry)
-    return seen
-
-
-@torch.no_grad()
-def sample_shared_noise(
-    pipe: LatentDiffusionPipeline,
-    prompts: list[str],
-    *,
-    negative_prompt: str | list[str] = "",
-    steps: int | None = None,
-    sampler: str | None = None,
-    eta: float | None = None,
-    cfg_scale: float | None = None,
-    guidance_rescale: float = 0.0,
-    seed: int = 0,
-    image_size: int | None = None,
-    batch_size: int | None = None,
-    progress: bool = False,
-    sampler_options: dict | None = None,
-    callback: Callback | None = None,
-    before_step: BeforeStep | None = None,
-) -> GenerationResult:
-    """`pipe.generate` for one batch in which every prompt starts from the noise of `seed`.
-
-    Each row draws z_T and its per-step noise from its own generator seeded with `seed`, exactly as image 0
-    of `pipe.generate(prompt, seed=seed)`, so with one prompt and no hooks the result is that image, bit for
-    bit. `callback` is the sampler's (it may replace z_t); `before_step(i, t, z_t)` may change z_t before
-    the network sees step i, whatever the sampler. The prompts form one batch: batch_size is accepted for
-    `generate`'s signature and not used.
-    """
-    from ldm.pipeline import GenerationResult
-
-    prompts = list(prompts)
-    steps = int(pipeline_option(pipe, steps, "steps", 50))
-    sampler_name = pipeline_option(pipe, sampler, "sampler", "ddim")
-    eta = float(pipeline_option(pipe, eta, "eta", 0.0))
-    cfg_scale = float(pipeline_option(pipe, cfg_scale, "cfg_scale", 7.5))
-    size = int(image_size or pipe.image_size)
-    f = pipe.autoencoder.downsampling_factor
-    if size % (f * pipe.unet.downsampling_factor):
-        raise ValueError(f"image_size {size} must be a multiple of {f * pipe.unet.downsampling_factor}")
-    sample_fn = get_sampler(sampler_name)
-    options = dict(pipe.defaults.get("sampler_options") or {})
-    options.update(sampler_options or {})
-    options["num_steps"] = steps
-    options["prediction_type"] = pipe.prediction_type
-    if sampler_name == "ddim":
-        options["eta"] = eta
-
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    context, mask, uncond, uncond_mask = pipe.encode_prompts(prompts, negatives if cfg_scale != 1.0 else None)
-    shape = (pipe.unet.in_channels, size // f, size // f)
-    generators = [torch.Generator().manual_seed(seed) for _ in prompts]
-    x_T = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(pipe.device)  # (P, C, h, w)
-
-    def noise_fn(i: int, noise_shape: tuple[int, ...]) -> Tensor:
-        return torch.stack([torch.randn(noise_shape[1:], generator=g) for g in generators])
-
-    model_fn = cfg_model_fn(pipe.unet, context, mask, uncond, uncond_mask, cfg_scale, guidance_rescale)
-
-    step_callback = callback
-    if before_step is not None:
-        timesteps = visited_timesteps(sample_fn, pipe.schedule, options)
-        x_T = before_step(0, timesteps[0].to(pipe.device), x_T)
-
-        def step_callback(info: dict[str, Any]) -> Tensor:
-            x = info["x"]
-            if callback is not None:
-                replaced = callback(info)
-                x = x if replaced is None else replaced
-            i = info["i"] + 1
-            if i < len(timesteps):
-                x = before_step(i, timesteps[i].to(x.device), x)
-            return x
-
-    z0 = sample_fn(model_fn, x_T, pipe.schedule, noise_fn=noise_fn, callback=step_callback, progress=progress,
-                   **options)
-    images = pipe.autoencoder.decode_from_latent(z0)
-    return GenerationResult(images=images.clamp(-1, 1), latents=z0, prompts=prompts, seeds=[seed] * len(prompts))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ldm.training.images import labelled_grid, to_pil
+from ldm.images import labelled_grid, to_pil
 
 if TYPE_CHECKING:
     from ldm.pipeline import GenerationResult

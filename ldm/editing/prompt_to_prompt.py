@@ -30,8 +30,6 @@ from ldm.editing.controllers import (
     AttentionController,
     ControllerChain,
     default_attention_grid,
-    pipeline_option,
-    sample_shared_noise,
     select_layers,
     use_controller,
 )
@@ -234,7 +232,7 @@ def prompt_to_prompt(
     default_cross, default_self = DEFAULT_REPLACE_STEPS[edit]
     cross_replace_steps = default_cross if cross_replace_steps is None else cross_replace_steps
     self_start, self_end = _window(default_self if self_replace_steps is None else self_replace_steps)
-    steps = int(pipeline_option(pipe, steps, "steps", 50))
+    steps = int(pipe.option(steps, "steps", 50))
     conditioner = pipe.conditioner
 
     # Long prompts: the mapper covers the most chunks any encoded prompt can take (the sampler's context may
@@ -300,9 +298,9 @@ def prompt_to_prompt(
         edit, source_prompt, target_prompt, cross_replace_steps, int(steps * self_start), int(steps * self_end), steps,
     )
     with use_controller(pipe.unet, controller, layers):
-        return sample_shared_noise(
-            pipe,
+        return pipe.generate(
             [source_prompt, target_prompt],
+            shared_noise=True,
             steps=steps,
             negative_prompt=negative_prompt,
             callback=callback,

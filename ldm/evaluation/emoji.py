@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ldm.data.shards import ShardDataset
+
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2): (B,)."""
@@ -25,8 +27,6 @@ def reconstruction_psnr(autoencoder, images: torch.Tensor) -> torch.Tensor:
 
 def read_images(shards, resolution: int) -> tuple[torch.Tensor, list[str]]:
     """Every image of the shards (B, 3, R, R) in [-1, 1] and its caption, in shard order. Every rank reads all."""
-    from ldm.data.shards import ShardDataset
-
     dataset = ShardDataset(shards, resolution=resolution, shuffle=False, resampled=False, split_nodes=False)
     samples = list(dataset)
     return torch.stack([s["image"] for s in samples]), [s["caption"] for s in samples]

@@ -28,7 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ldm.evaluation.clip_score import CLIPScorer
 from ldm.evaluation.emoji import NearestTrainingImage, reconstruction_psnr
+from ldm.evaluation.fid import fid_kid
+from ldm.evaluation.inception import InceptionFeatures
+from ldm.evaluation.reference_stats import ReferenceStats
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +140,6 @@ class Evaluator:
 
     def inception(self, device: torch.device):
         if self._inception is None:
-            from ldm.evaluation.inception import InceptionFeatures
-            from ldm.evaluation.reference_stats import ReferenceStats
-
             cfg = self.inception_cfg
             self._inception = InceptionFeatures(cfg.get("weights"), cfg.get("random_seed"),
                                                 antialias=bool(cfg.get("antialias", True)),
@@ -149,8 +150,6 @@ class Evaluator:
 
     def clip(self, device: torch.device):
         if self._clip is None:
-            from ldm.evaluation.clip_score import CLIPScorer
-
             cfg = self.clip_cfg
             self._clip = CLIPScorer(cfg.get("arch", "ViT-H-14"), cfg.get("weights"), cfg.get("random_seed"))
         return self._clip.to(device)
@@ -199,7 +198,6 @@ class Evaluator:
             extractor = self.inception(device)
             self._stats.check(extractor.identity, int(pipe.image_size), self.ref_stats_path)
             features = extractor(images) if len(images) else torch.zeros(0, extractor.identity["features"])
-            from ldm.evaluation.fid import fid_kid
 
             metrics.update(fid_kid(gather(features.cpu().double()), self._stats, self.kid_subsets,
                                    self.kid_subset_size, seed=self.sampling["seed"]))

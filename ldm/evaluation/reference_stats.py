@@ -33,6 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm.data.shards import ShardDataset
+from ldm.data.transforms import ImageTransform, to_rgb
+from ldm.evaluation.inception import InceptionFeatures
+
 log = logging.getLogger(__name__)
 
 FORMAT = "ldm-reference-stats-1"
@@ -131,8 +135,6 @@ def _describe(extractor: dict) -> str:
 
 def iter_images(source: str, resolution: int, max_images: int | None = None, batch_size: int = 32):
     """Batches (B, 3, R, R) in [-1, 1] from shards or an image folder, in a fixed order, every rank reading all."""
-    from ldm.data.transforms import ImageTransform, to_rgb
-
     path = Path(source)
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
     if path.is_dir() and files and not list(path.glob("*.tar")):
@@ -145,8 +147,6 @@ def iter_images(source: str, resolution: int, max_images: int | None = None, bat
                 with Image.open(file) as image:
                     yield transform(to_rgb(image))
     else:
-        from ldm.data.shards import ShardDataset
-
         dataset = ShardDataset(source, resolution=resolution, shuffle=False, resampled=False, split_nodes=False,
                                missing_caption="empty")
 
@@ -197,7 +197,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from ldm.evaluation.inception import InceptionFeatures
 
     try:
         extractor = InceptionFeatures(args.inception_weights, args.random_seed, antialias=not args.no_antialias,

@@ -173,6 +173,18 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def draw_latent(mean: torch.Tensor, std: torch.Tensor, generators: list[torch.Generator] | None = None
+                ) -> torch.Tensor:
+    """mean + std·ε in float32 (ε ~ N(0, I)): from one generator per sample, so that a sample's draw does not
+    depend on the batch it is in, or else from the global RNG."""
+    z = mean.float()
+    if generators is None:
+        noise = torch.randn(z.shape, device=z.device, dtype=z.dtype)
+    else:
+        noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(z)
+    return z + std.to(z.device).float() * noise
+
+
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(exp(logvar))) from the encoder's 2c output channels."""
 
@@ -234,10 +246,14 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
-    def encode_to_latent(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """Image → the scaled latent the diffusion model works on (float32 whatever the weights' dtype)."""
+    def encode_to_latent(self, x: torch.Tensor, sample: bool = False,
+                         generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Image → the scaled latent the diffusion model works on, float32 whatever the weights' dtype: the
+        posterior's mean, or with ``sample`` a draw from it (draw_latent; one generator per sample or the global
+        RNG)."""
         posterior = self.encode(x.to(self.quant_conv.weight.dtype))
-        return (posterior.sample() if sample else posterior.mode()).float() * self.scale_factor
+        z = draw_latent(posterior.mean, posterior.std, generators) if sample else posterior.mean.float()
+        return z * self.scale_factor
 
     def decode_from_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent → image in [-1, 1] (not clamped), float32 whatever the weights' dtype (a bf16 or fp16

@@ -12,6 +12,7 @@ from torch import nn
 
 from ldm.modules.autoencoder import DiagonalGaussian
 from ldm.modules.discriminator import NLayerDiscriminator
+from ldm.modules.lpips import LPIPS
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,6 @@ class AutoencoderLoss(nn.Module):
                     "perceptual_weight > 0 needs local LPIPS weights: set lpips_vgg_path and lpips_lin_path "
                     "(they cannot be downloaded at run time), or set perceptual_weight=0"
                 )
-            from ldm.modules.lpips import LPIPS
 
             self.lpips = LPIPS(lpips_vgg_path, lpips_lin_path)
         self.disc_start = disc_start

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from ldm.config_values import plain
 from ldm.evaluation.emoji import psnr
+from ldm.images import grid_image
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.autoencoder_loss import AutoencoderLoss
 from ldm.training.gradients import clip_and_measure
-from ldm.training.images import grid_image, log_image
+from ldm.training.images import log_image
 from ldm.training.lr_schedule import build_lr_scheduler
-
-
-def plain(value: Any) -> Any:
-    """OmegaConf containers → plain dicts/lists, so hyperparameters load with ``weights_only=True``."""
-    if isinstance(value, DictConfig) or OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 class AutoencoderModule(L.LightningModule):

@@ -7,8 +7,10 @@ import logging
 import lightning as L
 import torch
 
+from ldm.images import grid_image
+from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.divergence import resume_advice
-from ldm.training.images import grid_image, log_image
+from ldm.training.images import log_image
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,6 @@ class SampleImages(L.Callback):
                 self._sample_on_this_rank(trainer, pl_module)
 
     def _sample_on_this_rank(self, trainer: L.Trainer, pl_module) -> None:
-        from ldm.pipeline import LatentDiffusionPipeline
-
         was_training = pl_module.training
         pl_module.eval()
         count = len(self.prompts) * self.n_per_prompt

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ldm.training.checkpoint import CheckpointError
-from ldm.weights_io import describe_load_error, refers_to_code
+from ldm.weights_io import CheckpointError, describe_load_error, refers_to_code
 
 log = logging.getLogger(__name__)
 

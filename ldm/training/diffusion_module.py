@@ -1,9 +1,12 @@
-"""Stage 2: train the U-Net on latents of the frozen autoencoder, conditioned by a frozen conditioner.
+"""Stage 2: train the U-Net of a LatentDiffusion model on latents of its frozen autoencoder, conditioned by its
+frozen conditioner.
 
-    image ─ autoencoder.encode (frozen) ─ ×scale_factor ─ z0 ─ add noise at t ─ z_t ─┐
-    caption ─ ("" with probability ucg_rate) ─ conditioner (frozen) ─ context, mask ─ U-Net(z_t, t, ·) ─ loss
+    image ─ model.encode_images (frozen autoencoder, ×scale_factor) ─ z0 ─ add noise at t ─ z_t ─┐
+    caption ─ ("" with probability ucg_rate) ─ model.encode_text (frozen) ─ context, mask ─ U-Net(z_t, t, ·) ─ loss
 
-Only the U-Net trains. An EMA copy of it is kept; checkpoints carry the U-Net, its EMA, the autoencoder and
+The module takes the model in (ldm.model.LatentDiffusion, no Lightning inside) and adds what training needs: the
+loss, an EMA copy of the U-Net, the optimizer and its schedule, LoRA adapters, non-finite handling and logging.
+Only the U-Net trains (and the text encoder when asked). Checkpoints carry the U-Net, its EMA, the autoencoder and
 the trainable conditioner parts, never the frozen text encoder (it is rebuilt from its config).
 """
 
@@ -14,7 +17,6 @@ import math
 import os
 import random
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import hydra
 import lightning as L
@@ -23,13 +25,12 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from ldm.diffusion.objectives import diffusion_loss, normalize_prediction_type, sample_offset_noise
-from ldm.diffusion.schedule import NoiseSchedule
-from ldm.modules.autoencoder import AutoencoderKL
+from ldm.config_values import plain
+from ldm.diffusion.objectives import diffusion_loss, sample_offset_noise
+from ldm.model import LatentDiffusion, split_settings
+from ldm.model_parts import SourceWeights
 from ldm.modules.lora import LoRASettings, add_lora
 from ldm.modules.unet import UNetModel
-from ldm.training.autoencoder_module import plain
-from ldm.training.checkpoint import load_checkpoint
 from ldm.training.divergence import resume_advice
 from ldm.training.ema import EMA, clean_name
 from ldm.training.gradients import clip_and_measure, fsdp_root
@@ -39,220 +40,94 @@ from ldm.training.rng import rng_state, sample_generators, set_rng_state
 log = logging.getLogger(__name__)
 
 NOISE_SEEDINGS = ("global", "per_sample")
-AUTOENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def build_conditioner(config: dict, seed: int = 0) -> nn.Module:
-    """Instantiate a conditioner from its config. Random-weight stand-ins are drawn from a fixed seed, so the
-    same config rebuilds the same frozen encoder when a checkpoint (which does not store it) is loaded."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return hydra.utils.instantiate(config, _convert_="all")
-
-
-def trainable_config(conditioner: dict) -> dict:
-    """The config of the trainable variant of a frozen open_clip text encoder (for train_conditioner)."""
-    from ldm.conditioning.trainable_text import TARGET
-
-    frozen_target = "ldm.conditioning.text.FrozenOpenCLIPTextEncoder"
-    if conditioner.get("_target_") not in (frozen_target, TARGET):
-        raise ValueError(f"train_conditioner / lora.text_encoder need an open_clip text encoder "
-                         f"({frozen_target}), not {conditioner.get('_target_')}")
-    return {**conditioner, "_target_": TARGET}
-
-
-def load_autoencoder(ckpt_path: str) -> tuple[AutoencoderKL, dict, float | None]:
-    """The frozen autoencoder: (model, its config, the measured latent std or None).
-
-    ``ckpt_path``: a stage-1 checkpoint of this framework, or Stable Diffusion's autoencoder in a diffusers
-    folder (vae/) or an SD single file (first_stage_model.*), as MLPerf's SD benchmark takes it from SD2's
-    checkpoint. Imported autoencoders bring their latent scale factor (0.18215 for SD's KL-f8)."""
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir() or path.suffix == ".safetensors":
-        return _imported_autoencoder(path)
-    ckpt = load_checkpoint(ckpt_path, "autoencoder checkpoint (autoencoder.ckpt_path)")
-    hparams = ckpt.get("hyper_parameters", {})
-    if "autoencoder" not in hparams:
-        if any(str(k).startswith("first_stage_model.") for k in ckpt.get("state_dict", {})):
-            return _imported_autoencoder(path)
-        raise ValueError(f"{ckpt_path} is neither a stage-1 checkpoint of this framework (no 'autoencoder' "
-                         "hyperparameters) nor a Stable Diffusion file with an autoencoder (first_stage_model.*)")
-    config = dict(hparams["autoencoder"])
-    model = AutoencoderKL(**config)
-    prefix = "autoencoder."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state, strict=True)
-    latent_std = ckpt["state_dict"].get("latent_std")
-    return model, config, None if latent_std is None else float(latent_std)
-
-
-def _imported_autoencoder(path: Path) -> tuple[AutoencoderKL, dict, None]:
-    from ldm.convert import convert
-    from ldm.convert.parts import build_autoencoder
-
-    converted = convert(path)
-    if converted.autoencoder_state is None:
-        raise ValueError(f"autoencoder.ckpt_path {path} holds no autoencoder (no vae/ folder or first_stage_model.*)")
-    config = dict(converted.autoencoder_config)
-    return build_autoencoder(config, converted.autoencoder_state), config, None
 
 
 class DiffusionModule(L.LightningModule):
-    def __init__(
-        self,
-        unet: dict,
-        conditioner: dict,
-        schedule: dict,
-        autoencoder_ckpt: str | None = None,
-        autoencoder: dict | None = None,
-        scale_factor: float | None = None,
-        prediction_type: str = "eps",
-        min_snr_gamma: float | None = None,
-        offset_noise: float = 0.0,
-        ucg_rate: float = 0.1,
-        sample_posterior: bool = True,
-        ema: dict | None = None,
-        optimizer: dict | None = None,
-        lr_schedule: dict | None = None,
-        conditioner_seed: int = 0,
-        nonfinite_loss: str = "raise",
-        sampling: dict | None = None,
-        noise_seeding: str = "global",
-        autoencoder_precision: str = "fp32",
-        compile: bool | dict = False,
-        init=None,
-        lora: dict | bool | None = None,
-        train_conditioner: bool = False,
-    ):
-        """
-        unet: UNetModel arguments. conditioner: a Hydra config with ``_target_`` (text or class labels).
-        schedule: NoiseSchedule arguments.
-        autoencoder_ckpt: the stage-1 checkpoint to load and freeze. ``autoencoder`` (its config) is filled in
-            from it and saved, so a stage-2 checkpoint alone is enough to sample.
-        scale_factor: multiplies latents; None takes 1/std measured in stage 1 (else the autoencoder's own).
-        ucg_rate: probability of replacing a caption by "" so classifier-free guidance works at sampling time.
-        ema: EMA arguments (decay, start_step, update_every, warmup), or None for no EMA.
-        optimizer: a Hydra config of a partial optimizer (``_partial_: true``) that takes the parameters.
-        lr_schedule: build_lr_scheduler arguments (kind, warmup_steps, min_lr_ratio).
-        nonfinite_loss: "raise" stops the run on a NaN/inf loss; "skip" drops that batch's update (on every rank
-            together when any rank's loss is non-finite, so data-parallel ranks stay in step).
-        sampling: defaults for sample images (sampler, steps, cfg_scale, ...), saved for the pipeline.
-        noise_seeding: "global" draws t, noise, posterior noise and caption dropout from the global RNG;
-            "per_sample" draws them for each sample from a generator seeded by (seed, sample key, step), so a
-            run does not depend on how its batches are split over ranks (1 GPU × batch 64 = 8 GPUs × batch 8).
-        autoencoder_precision: "fp32" | "bf16" | "fp16": the dtype the frozen autoencoder encodes in, with
-            autocast off (fp16 VAEs are known to overflow to NaN; bf16 halves their memory and time safely).
-        compile: torch.compile the U-Net's forward (in place: state-dict keys keep their names); a dict gives
-            torch.compile's arguments (e.g. {"mode": "max-autotune"}). Not saved: it belongs to a run, not to
-            the weights, so sampling from the checkpoint does not compile.
-        init: a ``PretrainedInit`` (ldm.training.init_from) to start from: it decides the U-Net architecture, the
-            autoencoder (unless ``autoencoder_ckpt`` is given), the text encoder, the prediction type and the
-            schedule where it holds them, and gives their weights; the EMA starts from the loaded U-Net.
-        lora: LoRASettings fields (or true for the defaults): adapters on the U-Net's attention projections (and
-            on the text encoder with ``text_encoder: true``); then only the adapters train.
-        train_conditioner: train the text encoder with the U-Net (DreamBooth's train_text_encoder); with LoRA
-            on, it means adapters in the text encoder rather than its full weights.
-        """
+    """Trains a LatentDiffusion ``model``'s U-Net (and its text encoder with train_conditioner or lora.text_encoder).
+
+    ema: EMA arguments (decay, start_step, update_every, warmup), or None for no EMA.
+    optimizer: a Hydra config of a partial optimizer (``_partial_: true``) that takes the parameters.
+    lr_schedule: build_lr_scheduler arguments (kind, warmup_steps, min_lr_ratio).
+    ucg_rate: probability of replacing a caption by "" so classifier-free guidance works at sampling time.
+    min_snr_gamma, offset_noise: the loss's weighting and noise (ldm.diffusion.objectives).
+    sample_posterior: z0 drawn from the autoencoder's posterior (else its mean).
+    nonfinite_loss: "raise" stops the run on a NaN/inf loss; "skip" drops that batch's update (on every rank
+        together when any rank's loss is non-finite, so data-parallel ranks stay in step).
+    noise_seeding: "global" draws t, noise, posterior noise and caption dropout from the global RNG; "per_sample"
+        draws them for each sample from a generator seeded by (seed, sample key, step), so a run does not depend
+        on how its batches are split over ranks (1 GPU × batch 64 = 8 GPUs × batch 8).
+    lora: LoRASettings fields (or true for the defaults): adapters on the U-Net's attention projections (and on
+        the text encoder with ``text_encoder: true``); then only the adapters train.
+    train_conditioner: train the text encoder with the U-Net (DreamBooth's train_text_encoder); with LoRA on, it
+        means adapters in the text encoder rather than its full weights.
+    compile: torch.compile the U-Net's forward (in place: state-dict keys keep their names); a dict gives
+        torch.compile's arguments. Not saved: it belongs to a run, not to the weights.
+    """
+
+    requires_source = False  # DreamBooth: fine-tuning needs init_from
+
+    def __init__(self, model: LatentDiffusion, ema: dict | None = None, optimizer: dict | None = None,
+                 lr_schedule: dict | None = None, ucg_rate: float = 0.1, min_snr_gamma: float | None = None,
+                 offset_noise: float = 0.0, sample_posterior: bool = True, nonfinite_loss: str = "raise",
+                 noise_seeding: str = "global", lora: dict | bool | None = None, train_conditioner: bool = False,
+                 compile: bool | dict = False):
         super().__init__()
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
         if noise_seeding not in NOISE_SEEDINGS:
             raise ValueError(f"noise_seeding must be one of {NOISE_SEEDINGS}, got {noise_seeding!r}")
-        if autoencoder_precision not in AUTOENCODER_DTYPES:
-            raise ValueError(f"autoencoder_precision must be one of {tuple(AUTOENCODER_DTYPES)}, "
-                             f"got {autoencoder_precision!r}")
-        unet, conditioner, schedule, ema, optimizer, lr_schedule, sampling = map(
-            plain, (unet, conditioner, schedule, ema, optimizer, lr_schedule, sampling)
-        )
         lora = LoRASettings.parse(plain(lora))
-        if init is not None:
-            unet = init.unet_kwargs(unet)
-            if init.conditioner_config is not None:
-                conditioner = init.conditioner_config
-                conditioner_seed = conditioner_seed if init.conditioner_seed is None else init.conditioner_seed
-            schedule = {**schedule, **(init.schedule_config or {})}
-            prediction_type = init.prediction_type or prediction_type
-            if autoencoder_ckpt is None:
-                if init.autoencoder_config is None:
-                    raise ValueError(f"init_from {init.source} holds no autoencoder: set autoencoder.ckpt_path=PATH")
-                autoencoder = init.autoencoder_config  # its scale_factor comes with it
-        latent_std = None
-        if autoencoder_ckpt is not None:
-            vae, autoencoder, latent_std = load_autoencoder(autoencoder_ckpt)
-            log.info("autoencoder loaded from %s and frozen", autoencoder_ckpt)
-        elif autoencoder is not None:
-            vae = AutoencoderKL(**plain(autoencoder))  # weights come from the stage-2 checkpoint being loaded
-        else:
-            raise ValueError("stage 2 needs the stage-1 autoencoder: set autoencoder.ckpt_path=PATH")
-        autoencoder = plain(autoencoder)
-        if scale_factor is None:
-            scale_factor = 1.0 / latent_std if latent_std else vae.scale_factor
-        self.save_hyperparameters(ignore=["autoencoder_ckpt", "init"])
-        self.hparams["scale_factor"] = float(scale_factor)
-        self.hparams["autoencoder"] = autoencoder
-        self.hparams.update(unet=unet, conditioner=conditioner, conditioner_seed=conditioner_seed, schedule=schedule,
-                            prediction_type=prediction_type, lora=lora.as_dict() if lora.enabled else None)
-        log.info("latent scale_factor = %.5f", scale_factor)
-
-        self.prediction_type = normalize_prediction_type(prediction_type)
-        self.unet = UNetModel(**unet)
-        self.autoencoder = vae.requires_grad_(False).eval().to(AUTOENCODER_DTYPES[autoencoder_precision])
-        self.autoencoder.scale_factor = float(scale_factor)
-        train_text = train_conditioner or (lora.enabled and lora.text_encoder)
-        self.conditioner = build_conditioner(trainable_config(conditioner) if train_text else conditioner,
-                                             conditioner_seed)
-        if getattr(self.conditioner, "frozen", True):
-            self.conditioner.requires_grad_(False).eval()
-        if init is not None:
-            self._load_init(init, load_autoencoder=autoencoder_ckpt is None)
         if lora.enabled:
-            # After the pretrained weights, before the EMA copy: adapters start at zero (the loaded model),
-            # and from here on only they train.
-            add_lora(self.unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules, "U-Net")
-            if train_text:
-                add_lora(self.conditioner.text, lora.rank, lora.alpha, lora.dropout,
-                         lora.text_encoder_target_modules, "text encoder")
-            log.info("LoRA (rank %d, alpha %g): %d trainable parameters", lora.rank, lora.alpha,
-                     sum(p.numel() for p in self.trainable_parameters()))
-        self.schedule = NoiseSchedule(**schedule)
-        self.ema = EMA(self.unet, **ema) if ema else None
+            # After the weights are loaded, before the EMA copy: adapters start at zero (the loaded model), and
+            # from here on only they train.
+            model.add_lora(lora, text_encoder=train_conditioner or lora.text_encoder)
+        # The model, unregistered, and its parts under the names checkpoints have always had (unet.*,
+        # autoencoder.*, conditioner.*), so that nothing is registered twice.
+        object.__setattr__(self, "model", model)
+        self.unet, self.autoencoder, self.conditioner, self.schedule = (model.unet, model.autoencoder,
+                                                                         model.conditioner, model.schedule)
+        self.ema = EMA(self.unet, **plain(ema)) if ema else None
+        self.save_hyperparameters({
+            **model.config(), "ema": plain(ema), "optimizer": plain(optimizer), "lr_schedule": plain(lr_schedule),
+            "ucg_rate": ucg_rate, "min_snr_gamma": min_snr_gamma, "offset_noise": offset_noise,
+            "sample_posterior": sample_posterior, "nonfinite_loss": nonfinite_loss, "noise_seeding": noise_seeding,
+            "train_conditioner": train_conditioner, "lora": lora.as_dict() if lora.enabled else None})
         self.skipped_nonfinite = 0
         self._uncond_context: tuple[torch.Tensor, torch.Tensor] | None = None
         self._skip_update = False
-        # see sampling_weights; set past nn.Module.__setattr__, so the copy never becomes a submodule
-        object.__setattr__(self, "_gathered_unet", None)
+        object.__setattr__(self, "_gathered_unet", None)  # see sampling_weights: never a submodule
         self.register_load_state_dict_pre_hook(DiffusionModule._fill_frozen_conditioner)
-        self.hparams.pop("compile", None)
         if compile:
             # In place, after the EMA copy: the module keeps its parameter names (no "_orig_mod." prefix), so
             # checkpoints, resume and the EMA are the same with and without compilation.
-            options = plain(compile)
-            self.unet.compile(**(options if isinstance(options, dict) else {}))
+            self.unet.compile(**(plain(compile) if isinstance(plain(compile), dict) else {}))
 
-    def _load_init(self, init, load_autoencoder: bool) -> None:
-        self.unet.load_state_dict(init.unet_state, strict=True)
-        if load_autoencoder:
-            self.autoencoder.load_state_dict(init.autoencoder_state, strict=True)
-        if init.conditioner_state is not None:
-            self.conditioner.load_state_dict(init.conditioner_state, strict=True)
-        width = getattr(self.conditioner, "output_dim", None)
-        if width is not None and width != self.unet.context_dim:
-            raise ValueError(f"init_from {init.source}: the U-Net's context_dim is {self.unet.context_dim} but the "
-                             f"conditioner gives {width}-wide contexts (model.conditioner does not fit these weights)")
-        log.info("initialised from %s", init.source)
+    @classmethod
+    def from_settings(cls, settings: dict, source: SourceWeights | None = None) -> DiffusionModule:
+        """The module a run's flat ``model`` config describes: the LatentDiffusion model of its model settings
+        (from imported weights with ``source``: init_from), handed in with the rest, training's settings."""
+        if cls.requires_source and source is None:
+            raise ValueError("DreamBooth fine-tunes a trained model: set init_from=PATH (a diffusers folder, a Stable "
+                             "Diffusion single file or a stage-2 checkpoint)")
+        model_settings, training = split_settings(settings)
+        lora = LoRASettings.parse(training.get("lora"))
+        trainable = bool(training.get("train_conditioner")) or (lora.enabled and lora.text_encoder)
+        model = LatentDiffusion.from_config(**model_settings, source=source, trainable_conditioner=trainable)
+        return cls(model, **training)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.model.prediction_type
 
     # -- frozen parts -----------------------------------------------------------------------------------------
 
     @property
     def conditioner_frozen(self) -> bool:
-        return bool(getattr(self.conditioner, "frozen", True))
+        return self.model.conditioner_frozen
 
     def train(self, mode: bool = True):
         super().train(mode)
-        # Frozen parts stay in eval mode whatever the trainer asks (no dropout, fixed normalisation).
-        self.autoencoder.eval()
-        if self.conditioner_frozen:
-            self.conditioner.eval()
+        self.model.train(mode)  # frozen parts stay in eval mode whatever the trainer asks
         return self
 
     def fsdp_ignored_modules(self) -> list[nn.Module]:
@@ -322,32 +197,16 @@ class DiffusionModule(L.LightningModule):
             raise ValueError("model.noise_seeding=per_sample needs a 'key' for every sample of a batch")
         return sample_generators(list(batch["key"]), os.environ.get("PL_GLOBAL_SEED", 0), self.global_step)
 
-    @staticmethod
-    def _randn(like: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-        if generators is None:
-            return torch.randn(like.shape, device=like.device, dtype=like.dtype)
-        return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)
-
-    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor | None,
-                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """z0 = (mean + std·ε)·scale_factor from the posterior q(z|x); its mean without sample_posterior."""
-        z = mean.float()
-        if self.hparams.sample_posterior and std is not None:
-            z = z + std.float() * self._randn(z, generators)
-        return z * self.autoencoder.scale_factor
-
-    @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        # The autoencoder runs in its own precision (autoencoder_precision), never under the trainer's autocast.
-        with torch.autocast(self.device.type, enabled=False):
-            posterior = self.autoencoder.encode(images.to(next(self.autoencoder.parameters()).dtype))
-        return self.sample_latents(posterior.mean, posterior.std, generators)
+        """z0 of images: the posterior sampled (sample_posterior) and scaled (the model's encode_images)."""
+        return self.model.encode_images(images, self.hparams.sample_posterior, generators)
 
     def batch_latents(self, batch: dict, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """z0 (B, C, h, w): encoded from batch["image"], or from cached posteriors batch["latent"] (the mean,
         unscaled) and batch["latent_std"] (see ldm.data.cache_latents)."""
         if "latent" in batch:
-            return self.sample_latents(batch["latent"].to(self.device), batch.get("latent_std"), generators)
+            return self.model.sample_latents(batch["latent"].to(self.device), batch.get("latent_std"),
+                                             self.hparams.sample_posterior, generators)
         return self.encode_images(batch["image"], generators)
 
     def drop_flags(self, n: int, generators: list[torch.Generator] | None = None) -> list[bool]:
@@ -359,36 +218,22 @@ class DiffusionModule(L.LightningModule):
             return [random.random() < rate for _ in range(n)]
         return [bool(torch.rand((), generator=g) < rate) for g in generators]
 
-    def drop_captions(self, captions: list) -> list:
-        return ["" if drop else c for c, drop in zip(captions, self.drop_flags(len(captions)))]
-
-    def condition(self, captions: list) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.conditioner_frozen:
-            with torch.no_grad():
-                context, mask = self.conditioner(captions)
-        else:
-            context, mask = self.conditioner(captions)
-        return context.to(self.device), mask.to(self.device)
-
     def empty_context(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The context of "" (1, length, d), padded with masked zeros (masked tokens get no attention)."""
-        if self._uncond_context is None:
-            self._uncond_context = self.condition([""])
+        """The context of "" (1, length, d) under the padding rule: what a dropped caption conditions on."""
+        if self._uncond_context is None or not self.conditioner_frozen:
+            self._uncond_context = self.model.encode_text([""])
         context, mask = self._uncond_context
-        pad = length - context.shape[1]
-        if pad < 0:
-            raise ValueError(f"cached contexts hold {length} tokens, fewer than the {context.shape[1]} of \"\"")
-        return (torch.nn.functional.pad(context, (0, 0, 0, pad)).to(self.device),
-                torch.nn.functional.pad(mask, (0, pad), value=False).to(self.device))
+        return self.model.pad_contexts(context, mask, length // self.conditioner.tokens_per_chunk)
 
     def batch_context(self, batch: dict, generators: list[torch.Generator] | None = None):
         """(context (B, L, d), mask (B, L)) of the captions after dropout, or of cached text embeddings
-        (batch["context"], batch["mask"]) with the dropped rows replaced by the context of ""."""
+        (batch["context"], batch["mask"]) with the dropped rows replaced by the context of "": the same contexts
+        either way (the model's padding rule)."""
         n = len(batch["caption"]) if "caption" in batch else batch["context"].shape[0]
         drop = self.drop_flags(n, generators)
         if "context" not in batch:
-            return self.condition(["" if d else c for c, d in zip(batch["caption"], drop)])
-        context, mask = batch["context"].to(self.device), batch["mask"].to(self.device)
+            return self.model.encode_text(["" if d else c for c, d in zip(batch["caption"], drop)])
+        context, mask = self.model.cached_contexts(batch["context"], batch["mask"])
         if any(drop):
             uncond, uncond_mask = self.empty_context(context.shape[1])
             rows = torch.tensor(drop, device=self.device)
@@ -524,6 +369,11 @@ class DiffusionModule(L.LightningModule):
         if self._gathered_unet is not None:
             return self._gathered_unet
         return self.ema.model if (use_ema and self.ema is not None) else self.unet
+
+    def sampling_model(self, use_ema: bool = True) -> LatentDiffusion:
+        """The model with the U-Net to sample from (the EMA copy by default); every part is shared, not copied.
+        What LatentDiffusionPipeline.from_module samples with."""
+        return self.model.with_unet(self.sampling_unet(use_ema))
 
     @contextmanager
     def sampling_weights(self, use_ema: bool = True):

@@ -32,12 +32,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ldm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ACTIONS = ("stop", "warn")
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """The run diverged (DivergenceGuard with action="stop")."""
 
 

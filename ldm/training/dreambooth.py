@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from ldm.training.autoencoder_module import plain
 from ldm.training.diffusion_module import DiffusionModule
 
 
@@ -37,17 +36,14 @@ class DreamBoothModule(DiffusionModule):
     Checkpoints are ordinary stage-2 checkpoints: sample.py, the pipeline and init_from read them as such.
     """
 
-    def __init__(self, *args, prior_loss_weight: float = 1.0, **kwargs):
-        # Lightning records the hyperparameters from this frame too: plain containers, so that checkpoints
-        # load with weights_only=True.
-        kwargs = {k: plain(v) for k, v in kwargs.items()}
-        if kwargs.get("init") is None:
-            raise ValueError("DreamBooth fine-tunes a trained model: set init_from=PATH (a diffusers folder, a Stable "
-                             "Diffusion single file or a stage-2 checkpoint)")
-        super().__init__(*args, **kwargs)
+    requires_source = True  # DreamBooth fine-tunes a trained model (init_from)
+
+    def __init__(self, model, prior_loss_weight: float = 1.0, **kwargs):
         if prior_loss_weight < 0:
             raise ValueError(f"prior_loss_weight must be >= 0, got {prior_loss_weight}")
+        super().__init__(model, **kwargs)
         self.prior_loss_weight = float(prior_loss_weight)
+        self.save_hyperparameters({**self.hparams, "prior_loss_weight": self.prior_loss_weight})
 
     def training_loss(self, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, dict]:
         per_sample, stats = super().training_loss(batch, reduction="none")

@@ -7,7 +7,6 @@ import copy
 import torch
 from torch import nn
 
-
 # Wrappers that FSDP and activation checkpointing put around submodules add these to parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import logging
 
+from contextlib import nullcontext
+
 import lightning as L
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ldm.evaluation import Evaluator
+from ldm.evaluation.emoji import read_images
+from ldm.evaluation.prompts import read_prompts
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.training.gradients import fsdp_root
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +99,6 @@ class EvaluateImages(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.prompts_file and self.heldout is None:
-            from ldm.evaluation.prompts import read_prompts
-
             self.prompts = read_prompts(self.prompts_file)
             if trainer.is_global_zero:
                 log.info("evaluation: %d prompts from %s", len(self.prompts), self.prompts_file)
@@ -103,8 +108,6 @@ class EvaluateImages(L.Callback):
             self._enabled = False
         # Missing weights, statistics or shards fail now, not after the first N images.
         elif self.heldout is not None:
-            from ldm.evaluation.emoji import read_images
-
             self._heldout_images, _ = read_images(self.heldout["shards"], int(self.heldout["resolution"]))
         elif not self.evaluator.has_measures:
             if trainer.is_global_zero:
@@ -161,10 +164,11 @@ class EvaluateImages(L.Callback):
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 if self._heldout_images is not None:
-                    metrics = self.evaluator.evaluate_autoencoder(pl_module.autoencoder, self._heldout_images)
+                    # under trainer=fsdp the autoencoder being trained holds shards between steps: gather it
+                    fsdp = fsdp_root(trainer)
+                    with FullyShardedDataParallel.summon_full_params(fsdp, writeback=False) if fsdp else nullcontext():
+                        metrics = self.evaluator.evaluate_autoencoder(pl_module.autoencoder, self._heldout_images)
                 else:
-                    from ldm.pipeline import LatentDiffusionPipeline
-
                     use_ema = self.use_ema and getattr(pl_module, "ema", None) is not None
                     # under trainer=fsdp without an EMA: the U-Net's weights gathered (every rank is here)
                     with pl_module.sampling_weights(use_ema):

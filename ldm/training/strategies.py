@@ -25,7 +25,7 @@ import lightning.pytorch.strategies as pl_strategies
 import torch
 from torch import nn
 
-from ldm.training.checkpoint import CheckpointError
+from ldm.weights_io import CheckpointError
 
 
 class FSDPStrategy(pl_strategies.FSDPStrategy):
