@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from ldm.convert.parts import ConversionError
+from ldm.modules.autoencoder import LEGACY_NORM
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ UNET_PRESETS: dict[str, dict] = {
     "sd2": dict(_UNET_COMMON, num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True),
 }
 # The KL-f8 autoencoder both families share. scale_factor is not in the weights; 0.18215 is SD's.
+# CompVis' code and diffusers normalise with a fixed number of groups (32) at every width.
 AUTOENCODER_PRESET = dict(in_channels=3, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4,
-                          embed_dim=4, scale_factor=0.18215)
+                          embed_dim=4, scale_factor=0.18215, **LEGACY_NORM)
 
 
 def _get(state: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
@@ -145,6 +147,9 @@ def infer_autoencoder_config(state: Mapping[str, torch.Tensor], scale_factor: fl
         z_channels=int(_get(state, "encoder.conv_out.weight", what).shape[0]) // 2,
         embed_dim=int(_get(state, "quant_conv.weight", what).shape[0]) // 2,
         scale_factor=float(scale_factor),
+        # Weights do not say how many groups a GroupNorm has: CompVis' 32 at every width; no norm weights at
+        # all means an autoencoder without normalisation.
+        **(LEGACY_NORM if "encoder.norm_out.weight" in state else {**LEGACY_NORM, "norm": "none"}),
     )
 
 
@@ -172,4 +177,5 @@ def unet_config_of(unet: torch.nn.Module) -> dict:
 
 
 def autoencoder_config_of(autoencoder: torch.nn.Module) -> dict:
-    return infer_autoencoder_config(autoencoder.state_dict(), scale_factor=float(autoencoder.scale_factor))
+    config = infer_autoencoder_config(autoencoder.state_dict(), scale_factor=float(autoencoder.scale_factor))
+    return {**config, **autoencoder.norm_config}

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.modules.autoencoder import AutoencoderKL
+from ldm.modules.autoencoder import AutoencoderKL, saved_config
 from ldm.modules.autoencoder_loss import AutoencoderLoss
 from ldm.training.images import grid_image, log_image
 from ldm.training.lr_schedule import build_lr_scheduler
@@ -56,12 +56,29 @@ class AutoencoderModule(L.LightningModule):
         super().__init__()
         # save_hyperparameters reads the arguments' current values: make them plain first.
         autoencoder, loss, betas = plain(autoencoder), plain(loss), tuple(plain(betas))
-        self.save_hyperparameters()
         self.autoencoder = AutoencoderKL(**autoencoder)
+        # The normalisation is saved explicitly: a saved config without it means the old GroupNorm(32).
+        autoencoder = {**autoencoder, **self.autoencoder.norm_config}
+        self.save_hyperparameters()
         self.loss = AutoencoderLoss(**loss)
         # Running std of the latents: stage 2 sets its scale_factor to 1/std so its inputs have unit variance.
         self.register_buffer("latent_std", torch.ones(()))
         self.register_buffer("latent_std_initialised", torch.zeros((), dtype=torch.bool))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # GroupNorm's weights have the same shapes whatever its groups: a checkpoint of another normalisation
+        # would load without complaint and compute something else.
+        saved = checkpoint.get("hyper_parameters", {}).get("autoencoder")
+        if saved is None:
+            return
+        theirs, ours = saved_config(saved), self.autoencoder.norm_config
+        differ = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+        if differ:
+            raise ValueError(
+                "the checkpoint's autoencoder was trained with another normalisation: "
+                + ", ".join(f"model.autoencoder.{k}={t} (this config: {o})" for k, (t, o) in differ.items())
+                + "; set those values to resume it"
+            )
 
     # -- steps ------------------------------------------------------------------------------------------------
 

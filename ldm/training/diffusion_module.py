@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.diffusion.objectives import diffusion_loss, normalize_prediction_type, sample_offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.modules.autoencoder import AutoencoderKL
+from ldm.modules.autoencoder import AutoencoderKL, saved_config
 from ldm.modules.lora import LoRASettings, add_lora
 from ldm.modules.unet import UNetModel
 from ldm.training.autoencoder_module import plain
@@ -65,7 +65,7 @@ def load_autoencoder(ckpt_path: str) -> tuple[AutoencoderKL, dict, float | None]
     hparams = ckpt.get("hyper_parameters", {})
     if "autoencoder" not in hparams:
         raise ValueError(f"{ckpt_path} is not a stage-1 checkpoint of this framework (no 'autoencoder' hyperparameters)")
-    config = dict(hparams["autoencoder"])
+    config = saved_config(hparams["autoencoder"])  # checkpoints from before the norm setting: GroupNorm(32)
     model = AutoencoderKL(**config)
     prefix = "autoencoder."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
@@ -158,7 +158,9 @@ class DiffusionModule(L.LightningModule):
             vae, autoencoder, latent_std = load_autoencoder(autoencoder_ckpt)
             log.info("autoencoder loaded from %s and frozen", autoencoder_ckpt)
         elif autoencoder is not None:
-            vae = AutoencoderKL(**plain(autoencoder))  # weights come from the stage-2 checkpoint being loaded
+            # A saved config (the weights come from the stage-2 checkpoint being loaded, or from init_from).
+            autoencoder = saved_config(plain(autoencoder))
+            vae = AutoencoderKL(**autoencoder)
         else:
             raise ValueError("stage 2 needs the stage-1 autoencoder: set autoencoder.ckpt_path=PATH")
         autoencoder = plain(autoencoder)

@@ -1,0 +1,98 @@
+"""Colour in stage 1: the autoencoder's normalisation setting (and old checkpoints)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.modules.autoencoder import AutoencoderKL, NormSpec, saved_config
+
+EMOJI = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4)  # experiment=emoji_autoencoder
+
+
+def group_norms(model: torch.nn.Module) -> set[tuple[int, int]]:
+    return {(m.num_groups, m.num_channels) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+
+
+# ------------------------------------------------------------------------------------------- normalisation
+
+
+def test_sd_kl_f8_keeps_groupnorm_32_everywhere():
+    with torch.device("meta"):
+        vae = AutoencoderKL()  # the defaults are SD's KL-f8
+    assert {groups for groups, _ in group_norms(vae)} == {32}
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+
+
+def test_narrow_layers_get_fewer_groups_not_instance_norm():
+    vae = AutoencoderKL(**EMOJI)
+    assert group_norms(vae) == {(8, 32), (16, 64)}  # 4 channels per group
+    legacy = AutoencoderKL(**EMOJI, norm_group_channels=1)
+    assert group_norms(legacy) == {(32, 32), (32, 64)}  # one channel per group at 32: instance normalisation
+    assert legacy.state_dict().keys() == vae.state_dict().keys()
+
+
+def test_group_count_divides_the_channels():
+    spec = NormSpec("group", groups=32, group_channels=4)
+    assert [spec.num_groups(c) for c in (4, 30, 48, 128, 512)] == [1, 6, 12, 32, 32]
+    with pytest.raises(ValueError, match="norm must be one of"):
+        NormSpec("batch")
+
+
+def test_no_normalisation_drops_only_the_norm_weights():
+    plain, grouped = AutoencoderKL(**EMOJI, norm="none"), AutoencoderKL(**EMOJI)
+    assert not group_norms(plain)
+    assert set(plain.state_dict()) == {k for k in grouped.state_dict() if "norm" not in k}
+    with torch.no_grad():
+        assert plain(torch.rand(2, 3, 32, 32) * 2 - 1)[0].shape == (2, 3, 32, 32)
+
+
+def test_old_stage1_checkpoint_loads_as_it_was_trained(tmp_path):
+    """A checkpoint saved before the setting existed (hyperparameters without its keys) was GroupNorm(32)."""
+    from ldm.training.diffusion_module import load_autoencoder
+
+    config = dict(EMOJI, dropout=0.0, scale_factor=1.0)  # what the old experiment saved
+    torch.manual_seed(0)
+    old = AutoencoderKL(**config, norm_group_channels=1).eval()
+    with torch.no_grad():  # GroupNorm starts as the identity affine map: make it matter
+        for module in old.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.normal_(1.0, 0.3), module.bias.normal_(0.0, 0.3)
+    state = {f"autoencoder.{k}": v for k, v in old.state_dict().items()}
+    torch.save({"hyper_parameters": {"autoencoder": config}, "state_dict": state}, tmp_path / "old.ckpt")
+
+    loaded, loaded_config, _ = load_autoencoder(str(tmp_path / "old.ckpt"))
+    assert group_norms(loaded) == {(32, 32), (32, 64)}
+    assert loaded_config["norm_group_channels"] == 1
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(loaded.encode(x).mode()), old.decode(old.encode(x).mode()),
+                                   rtol=0, atol=0)
+        # The same weights in today's default architecture compute something else: the fill-in matters.
+        today = AutoencoderKL(**config).eval()
+        today.load_state_dict(old.state_dict())
+        assert not torch.allclose(today.encode(x).mode(), old.encode(x).mode(), atol=1e-3)
+
+
+def test_saved_config_keeps_explicit_settings():
+    assert saved_config({"ch": 32})["norm_group_channels"] == 1
+    assert saved_config({"ch": 32, "norm": "none"}) == {"ch": 32, "norm": "none"}
+
+
+def test_stage1_module_saves_the_normalisation_and_refuses_another(tmp_path):
+    from ldm.training.autoencoder_module import AutoencoderModule
+
+    module = AutoencoderModule(autoencoder=dict(EMOJI), loss={})
+    assert module.hparams.autoencoder["norm_group_channels"] == 4  # explicit, though not given
+    old = {"hyper_parameters": {"autoencoder": dict(EMOJI)}}  # saved before the setting: GroupNorm(32)
+    with pytest.raises(ValueError, match="model.autoencoder.norm_group_channels=1"):
+        module.on_load_checkpoint(old)
+    AutoencoderModule(autoencoder=dict(EMOJI, norm_group_channels=1), loss={}).on_load_checkpoint(old)
+
+
+def test_diffusers_group_count_is_read():
+    from ldm.convert.diffusers_layout import autoencoder_config_from_diffusers
+
+    config = autoencoder_config_from_diffusers({"block_out_channels": [32, 64], "norm_num_groups": 16})
+    assert (config["norm"], config["norm_groups"], config["norm_group_channels"]) == ("group", 16, 1)
+    assert group_norms(AutoencoderKL(**config)) == {(16, 32), (16, 64)}
