@@ -1,4 +1,4 @@
-"""Colour in stage 1: the autoencoder's normalisation setting (and old checkpoints)."""
+"""Colour in stage 1: the autoencoder's normalisation setting (and old checkpoints), the colour term of the loss."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ldm.modules.autoencoder import AutoencoderKL, NormSpec, saved_config
+from ldm.modules.autoencoder_loss import AutoencoderLoss, chroma_channels
 
 EMOJI = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4)  # experiment=emoji_autoencoder
 
@@ -96,3 +97,35 @@ def test_diffusers_group_count_is_read():
     config = autoencoder_config_from_diffusers({"block_out_channels": [32, 64], "norm_num_groups": 16})
     assert (config["norm"], config["norm_groups"], config["norm_group_channels"]) == ("group", 16, 1)
     assert group_norms(AutoencoderKL(**config)) == {(16, 32), (16, 64)}
+
+
+# ------------------------------------------------------------------------------------------- colour term
+
+
+def test_chroma_channels_are_zero_for_greys_and_match_ycbcr():
+    grey = torch.linspace(-1, 1, 5).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+    assert chroma_channels(grey).abs().max() < 1e-6
+    rgb = torch.rand(4, 3, 2, 2)
+    # PIL's YCbCr (BT.601): Cb = 128 + 0.564 (B − Y), Cr = 128 + 0.713 (R − Y) on 0–255 values.
+    from PIL import Image
+
+    pixel = (rgb[0, :, 0, 0] * 255).round()
+    _, cb, cr = Image.new("RGB", (1, 1), tuple(int(v) for v in pixel)).convert("YCbCr").getpixel((0, 0))
+    ours = chroma_channels(pixel.view(1, 3, 1, 1)).flatten()
+    assert abs(128 + 0.564 * float(ours[0]) - cb) <= 1 and abs(128 + 0.713 * float(ours[1]) - cr) <= 1
+
+
+def test_colour_term_weighs_colour_errors_only():
+    post = torch.zeros(1, 8, 2, 2)
+    from ldm.modules.autoencoder import DiagonalGaussian
+
+    x = torch.zeros(1, 3, 4, 4)
+    brighter, redder = x + 0.2, x.clone()
+    redder[:, 0] += 0.2
+    plain, coloured = AutoencoderLoss(kl_weight=0.0), AutoencoderLoss(kl_weight=0.0, chroma_weight=2.0)
+    loss = lambda fn, y: float(fn.generator_loss(x, y, DiagonalGaussian(post), step=0)[0])  # noqa: E731
+    assert loss(coloured, brighter) == pytest.approx(loss(plain, brighter))  # a grey error: no colour term
+    # A red error: |B − Y| = 0.299·0.2 and |R − Y| = 0.701·0.2 per pixel, 16 pixels, times 2.
+    assert loss(coloured, redder) == pytest.approx(loss(plain, redder) + 2.0 * 16 * 0.2 * (0.299 + 0.701))
+    with pytest.raises(ValueError, match="chroma_weight"):
+        AutoencoderLoss(chroma_weight=-1.0)
