@@ -1,11 +1,14 @@
 """Colour in stage 1: the autoencoder's normalisation setting (and old checkpoints), the colour term of the loss,
-the skin-tone option of the emoji builder."""
+the colour measures, the skin-tone option of the emoji builder."""
 
 from __future__ import annotations
+
+import colorsys
 
 import pytest
 import torch
 
+from ldm.colour_metrics import HUE_BINS, colour_fidelity, flat_squares, hsv, hue_bin, square_colour
 from ldm.modules.autoencoder import AutoencoderKL, NormSpec, saved_config
 from ldm.modules.autoencoder_loss import AutoencoderLoss, chroma_channels
 
@@ -130,6 +133,44 @@ def test_colour_term_weighs_colour_errors_only():
     assert loss(coloured, redder) == pytest.approx(loss(plain, redder) + 2.0 * 16 * 0.2 * (0.299 + 0.701))
     with pytest.raises(ValueError, match="chroma_weight"):
         AutoencoderLoss(chroma_weight=-1.0)
+
+
+# ------------------------------------------------------------------------------------------- measures
+
+
+def test_hsv_matches_colorsys():
+    rgb = torch.rand(64, 3) * 255
+    hue, saturation, value, chroma = hsv(rgb[:, :, None, None])
+    for i, (r, g, b) in enumerate(rgb.tolist()):
+        h, s, v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+        assert float(hue.flatten()[i]) == pytest.approx(360 * h, abs=1e-3)
+        assert float(saturation.flatten()[i]) == pytest.approx(s, abs=1e-5)
+        assert float(value.flatten()[i]) == pytest.approx(v, abs=1e-5)
+    assert torch.allclose(chroma.flatten(), rgb.max(1).values - rgb.min(1).values)
+
+
+def test_hue_bins_of_the_openmoji_palette():
+    palette = {"red": (210, 47, 39), "orange": (244, 170, 65), "yellow": (252, 234, 43), "green": (92, 158, 49),
+               "blue": (30, 80, 160), "purple": (137, 103, 170), "pink": (230, 122, 148),
+               "brown/skin": (165, 121, 57), "grey": (128, 128, 128), "white": (255, 255, 255)}
+    rgb = torch.tensor(list(palette.values()), dtype=torch.float32)[:, :, None, None]
+    assert [HUE_BINS[i] for i in hue_bin(rgb).flatten()] == list(palette)
+    # The five OpenMoji skin tones are one bin.
+    tones = torch.tensor([(250, 220, 188), (222, 184, 146), (193, 154, 101), (165, 121, 57), (106, 70, 47)])
+    assert {HUE_BINS[i] for i in hue_bin(tones.float()[:, :, None, None]).flatten()} == {"brown/skin"}
+
+
+def test_colour_fidelity_sees_what_psnr_does_not():
+    colours = torch.tensor([(210, 47, 39), (92, 158, 49), (30, 80, 160)], dtype=torch.float32)
+    x = flat_squares(colours)
+    perfect, _ = colour_fidelity(x, x)
+    assert perfect.chroma_ratio == 1.0 and perfect.colour_mae == 0.0 and perfect.hue_error == 0.0
+    # Each square painted in the grey of its own brightness: chroma gone, hue meaningless.
+    grey = x.mean(1, keepdim=True).expand_as(x)
+    greyed, per_bin = colour_fidelity(x, grey)
+    assert greyed.chroma_ratio == 0.0 and greyed.colour_mae > 40
+    assert per_bin["white"].colour_mae == 0.0 and per_bin["green"].pixels == 20 * 20
+    torch.testing.assert_close(square_colour(x), colours)
 
 
 # ------------------------------------------------------------------------------------------- skin tones
