@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ldm.colour_metrics import HUE_BINS, colour_fidelity, flat_squares, hsv, hue_bin, square_colour
-from ldm.modules.autoencoder import AutoencoderKL, NormSpec, saved_config
+from ldm.modules.autoencoder import AutoencoderKL, NormSpec, ResnetBlock, saved_config
 from ldm.modules.autoencoder_loss import AutoencoderLoss, chroma_channels
 
 EMOJI = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4)  # experiment=emoji_autoencoder
@@ -50,6 +50,20 @@ def test_no_normalisation_drops_only_the_norm_weights():
     assert set(plain.state_dict()) == {k for k in grouped.state_dict() if "norm" not in k}
     with torch.no_grad():
         assert plain(torch.rand(2, 3, 32, 32) * 2 - 1)[0].shape == (2, 3, 32, 32)
+
+
+def test_without_normalisation_a_fresh_model_passes_its_input_through():
+    """PyTorch's default init shrinks activations at every layer, which only the norm layers undo: without them
+    a fresh autoencoder's reconstructions would hardly differ between images (~3e-4)."""
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    vae = AutoencoderKL(**EMOJI, norm="none")
+    with torch.no_grad():
+        x_rec = vae.decode(vae.encode(x).mode())
+    assert (x_rec - x_rec.mean(0)).std() > 0.05
+    blocks = [m for m in vae.modules() if isinstance(m, ResnetBlock)]
+    assert blocks and all(not b.conv2.weight.any() for b in blocks)  # residual branches start at zero
+    grouped = AutoencoderKL(**EMOJI)  # with norm layers: PyTorch's init, as before
+    assert all(b.conv2.weight.any() for b in grouped.modules() if isinstance(b, ResnetBlock))
 
 
 def test_old_stage1_checkpoint_loads_as_it_was_trained(tmp_path):
@@ -194,3 +208,4 @@ def test_skin_tone_option_keeps_the_holdout_and_balances_tones():
     assert max(per_tone) - min(per_tone) <= 0.1 * max(per_tone)  # the five tones in turn
     with pytest.raises(ValueError, match="skin_tones"):
         emoji_order(glyphs, 0, "some")
+
