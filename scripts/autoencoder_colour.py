@@ -4,6 +4,8 @@
     python scripts/autoencoder_colour.py --ckpt runs/ae/checkpoints/last.ckpt [--ckpt ...]
     # train with train.py (one run per seed, as subprocesses), then measure; extra arguments are Hydra overrides
     python scripts/autoencoder_colour.py --train runs/colour/l2 --seeds 0,1 model.loss.rec_loss=l2
+    # the palette of training sets: the share of their coloured pixels in each hue bin
+    python scripts/autoencoder_colour.py --hues-of data/emoji_32px_all_tones-all data/emoji_32px_all_tones-one
 
 Measures (ldm/colour_metrics.py), on reconstructions from the posterior mode:
 - PSNR (dB) over whole images;
@@ -150,6 +152,26 @@ def measure(ckpt: Path, holdout: str | None) -> dict:
     }
 
 
+def hue_shares(shards: list[str], resolution: int = 32) -> None:
+    """Share of the coloured pixels of each shard set in each hue bin (how skewed its palette is)."""
+    from ldm.colour_metrics import CHROMA_MIN, hue_bin, to_255
+
+    print("\n| training set | emoji | " + " | ".join(CHROMATIC_BINS) + " |")
+    print("|---|---|" + "---|" * len(CHROMATIC_BINS))
+    for spec in shards:
+        counts = torch.zeros(len(HUE_BINS))
+        n = 0
+        for batch in read_images(spec, resolution).split(256):
+            rgb = to_255(batch)
+            counts += torch.bincount(hue_bin(rgb)[hsv(rgb)[3] >= CHROMA_MIN], minlength=len(HUE_BINS)).float()
+            n += len(batch)
+        shares = counts[:len(CHROMATIC_BINS)] / counts[:len(CHROMATIC_BINS)].sum()
+        print(f"| {spec} | {n} | " + " | ".join(f"{100 * s:.1f} %" for s in shares.tolist()) + " |")
+        name = Path(spec).name
+        for bin_name, share in zip(CHROMATIC_BINS, shares.tolist()):
+            print(f"RESULT hue_share_{name}_{bin_name.replace('/', '_')}={share:.4f}")
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -237,8 +259,13 @@ def main() -> None:
     parser.add_argument("--holdout", default=None,
                         help="held-out shards (default: the val_shards of the checkpoint's run)")
     parser.add_argument("--name", default="", help="prefix of the RESULT names")
+    parser.add_argument("--hues-of", nargs="+", default=[], metavar="SHARDS",
+                        help="measure the palette of these training sets (shard folders) instead")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for train.py (with --train)")
     args = parser.parse_args()
+    if args.hues_of:
+        hue_shares(args.hues_of)
+        return
     if not args.ckpt and args.train is None:
         fail("give --ckpt PATH or --train DIR")
     if args.overrides and args.train is None:
