@@ -295,3 +295,13 @@ def test_shards_with_nothing_usable_stop_with_one_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "data error" in output and "bad-00.tar" in output, output[-2000:]
     assert "Traceback" not in output
+
+
+def test_colour_script_measures_a_stage1_run(stage1):
+    """scripts/autoencoder_colour.py on the checkpoint train.py wrote: tables and RESULT lines in range."""
+    proc = run("scripts/autoencoder_colour.py", "--ckpt", str(stage1 / "checkpoints" / "last.ckpt"), "--name", "t")
+    results = {line[len("RESULT "):].split("=")[0]: float(line.split("=")[1])
+               for line in proc.stdout.splitlines() if line.startswith("RESULT ")}
+    assert "| hue of the input |" in proc.stdout and "| flat square |" in proc.stdout
+    assert 0 < results["t_psnr"] < 60 and 0 <= results["t_chroma_ratio"] < 5 and 0 <= results["t_hue_error"] <= 180
+    assert {"t_colour_mae", "t_squares_colour_mae", "t_chroma_ratio_red", "t_colour_mae_white"} <= results.keys()
