@@ -246,9 +246,9 @@ def test_every_experiment_composes_and_is_smoke_tested():
     from hydra import compose, initialize_config_dir
 
     experiments = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-    # Each experiment must have a run in the test suite (here; dreambooth: tests/test_finetune.py); add one when
-    # adding an experiment.
-    smoke_tested = {"emoji_autoencoder", "emoji_ldm", "dreambooth"}
+    # Each experiment must have a run in the test suite (here; dreambooth: tests/test_finetune.py; shapes_*:
+    # tests/test_attention_benchmark.py); add one when adding an experiment.
+    smoke_tested = {"emoji_autoencoder", "emoji_ldm", "dreambooth", "shapes_autoencoder", "shapes_ldm"}
     assert set(experiments) == smoke_tested
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         for name in experiments:
