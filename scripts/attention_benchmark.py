@@ -1,9 +1,9 @@
 """Measure the attention tools on the shapes model: where each word's cross-attention lands, whether a word swap
 keeps the layout, whether Attend-and-Excite brings a neglected object back, what a negative prompt removes.
 
-    python scripts/attention_benchmark.py --run DIR      # DIR from: python train.py experiment=shapes_ldm hydra.run.dir=DIR
-    python scripts/attention_benchmark.py                # trains both stages first into --out (train.py, subprocesses)
-        [--out runs/shapes] [--seeds 64] [--steps 50] [--figures docs] [--json FILE] [-- extra train.py overrides]
+    python scripts/attention_benchmark.py --run DIR   # DIR: python train.py experiment=shapes_ldm hydra.run.dir=DIR
+    python scripts/attention_benchmark.py             # trains both stages into --out first (train.py subprocesses)
+        [--out runs/shapes] [--seeds 64] [--steps 50] [--figures docs] [--json FILE] [-- train.py overrides]
 
 Every image is measured by the detector of `ldm.evaluation.shapes` (colour segmentation, connected components,
 shape from moments), validated first on the ground-truth images. Sections, each ending in `RESULT name=value`:
@@ -66,15 +66,20 @@ from ldm.evaluation.shapes import (  # noqa: E402
 
 def train(out: Path, overrides: list[str]) -> Path:
     """Both stages with train.py, as a user runs them; returns the stage-2 run folder."""
+    autoencoder = out / "autoencoder" / "checkpoints" / "last.ckpt"
     stages = [("shapes_autoencoder", out / "autoencoder", []),
-              ("shapes_ldm", out / "ldm", [f"autoencoder.ckpt_path={out / 'autoencoder' / 'checkpoints' / 'last.ckpt'}"])]
+              ("shapes_ldm", out / "ldm", [f"autoencoder.ckpt_path={autoencoder}"])]
     for experiment, run_dir, extra in stages:
         command = [sys.executable, "train.py", f"experiment={experiment}", f"hydra.run.dir={run_dir}", *extra,
                    *overrides]
         print(f"$ python {' '.join(command[1:])}", flush=True)
         start = time.time()
         subprocess.run(command, cwd=ROOT, check=True)
-        print(f"RESULT train_seconds_{experiment}={time.time() - start:.0f}", flush=True)
+        seconds = time.time() - start
+        steps = int(run_config(run_dir).trainer.max_steps)
+        # Wall time of the whole command (start-up, data build, validation, checkpoints) over the steps taken.
+        print(f"RESULT train_seconds_{experiment}={seconds:.0f}", flush=True)
+        print(f"RESULT train_seconds_per_step_{experiment}={seconds / steps:.3f}", flush=True)
     return out / "ldm"
 
 
@@ -126,6 +131,12 @@ def pairs(rng: np.random.Generator, first: list, second: list, n: int, distinct_
 def rate(values) -> float:
     values = list(values)
     return float(np.mean(values)) if values else float("nan")
+
+
+def ci95(values) -> float:
+    """Half-width of the normal-approximation 95 % interval of the mean (of rates, IoUs or paired differences)."""
+    values = np.asarray(list(values), np.float64)
+    return float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def result(name: str, value: float | int) -> None:
@@ -255,14 +266,15 @@ class Benchmark:
                     per_word[kind]["area"].append(obj.mask.mean())
                     by_word[word].append(hit)
                     kept.append((word_map, obj.mask, kind))
-        print(f"{'words':8s} {'n':>5s} {'pointing':>9s} {'chance':>7s} {'IoU':>7s} {'shuffled':>9s}")
+        print(f"{'words':8s} {'n':>5s} {'pointing':>15s} {'chance':>7s} {'IoU':>15s} {'shuffled':>9s}")
         for kind in ("colour", "shape"):
             values = per_word[kind]
             own = [k for k in kept if k[2] == kind]
             # Each map against the mask of the next sample's object of the same word kind.
             shuffled = [top_region_iou(m, own[(j + 1) % len(own)][1]) for j, (m, _, _) in enumerate(own)] if own else []
-            print(f"{kind:8s} {len(values['hit']):5d} {rate(values['hit']):9.3f} {rate(values['area']):7.3f} "
-                  f"{rate(values['iou']):7.3f} {rate(shuffled):9.3f}")
+            print(f"{kind:8s} {len(values['hit']):5d} {rate(values['hit']):7.3f} ± {ci95(values['hit']):5.3f} "
+                  f"{rate(values['area']):7.3f} {rate(values['iou']):7.3f} ± {ci95(values['iou']):5.3f} "
+                  f"{rate(shuffled):9.3f}")
             self.record(f"pointing_{kind}_words", rate(values["hit"]))
             self.record(f"pointing_{kind}_words_chance", rate(values["area"]))
             self.record(f"iou_{kind}_words", rate(values["iou"]))
@@ -307,12 +319,16 @@ class Benchmark:
                     ((one(old, shape), one(new, shape)), (res.images[0], res.images[1], targets[i]),
                      (measures["p2p_layout_iou"][-1], measures["resample_layout_iou"][-1])))
         count = len(measures["p2p_new_colour"])
-        print(f"{'':22s} {'n':>5s} {'new colour':>11s} {'layout IoU':>11s}")
+        print(f"{'':22s} {'n':>5s} {'new colour':>11s} {'layout IoU':>17s}")
         for name, label in (("p2p", "Prompt-to-Prompt"), ("resample", "re-sampled target")):
             print(f"{label:22s} {count:5d} {rate(measures[f'{name}_new_colour']):11.3f} "
-                  f"{rate(measures[f'{name}_layout_iou']):11.3f}")
+                  f"{rate(measures[f'{name}_layout_iou']):9.3f} ± {ci95(measures[f'{name}_layout_iou']):5.3f}")
             self.record(f"{name}_new_colour", rate(measures[f"{name}_new_colour"]))
             self.record(f"{name}_layout_iou", rate(measures[f"{name}_layout_iou"]))
+        gain = np.subtract(measures["p2p_layout_iou"], measures["resample_layout_iou"])
+        print(f"layout IoU gain of Prompt-to-Prompt over re-sampling, same seeds: {rate(gain):.3f} ± {ci95(gain):.3f}")
+        self.record("p2p_layout_iou_gain", rate(gain))
+        self.record("p2p_layout_iou_gain_ci95", ci95(gain))
         self.record("p2p_samples", count)
         self.record("p2p_pairs_without_source_object", len(edits) - count)
 
@@ -320,6 +336,7 @@ class Benchmark:
 
     def attend_excite_section(self) -> None:
         from ldm.editing import attend_and_excite
+        from ldm.editing.attend_excite import DEFAULT_THRESHOLDS
 
         print("\n== 5. Attend-and-Excite on two-object prompts (on the two shape words)", flush=True)
         n, rng = self.args.seeds, np.random.default_rng(5)
@@ -327,9 +344,10 @@ class Benchmark:
         prompts = [two(*o) for o in objects]
         seed = 5000
         without = self.generate(prompts, seed)
-        shown = defaultdict(list)
+        shown, losses = defaultdict(list), []
         for i, (prompt, objs) in enumerate(zip(prompts, objects)):
-            res, _ = attend_and_excite(self.pipe, prompt, [objs[0][1], objs[1][1]], seed=seed + i, **self.options)
+            res, loss = attend_and_excite(self.pipe, prompt, [objs[0][1], objs[1][1]], seed=seed + i, **self.options)
+            losses.append(loss)
             for name, image in (("without", without[i]), ("with", res.images[0])):
                 dets = self.detector(image)
                 shown[f"{name}_both"].append(shows_all(dets, objs))
@@ -344,6 +362,18 @@ class Benchmark:
                   f"{rate(shown[f'{name}_faithful']):8.3f} {rate(shown[f'{name}_two_objects']):11.3f}")
             self.record(f"attend_excite_{name}_both_shown", rate(shown[f"{name}_both"]))
             self.record(f"attend_excite_{name}_faithful", rate(shown[f"{name}_faithful"]))
+        gain = np.subtract(shown["with_both"], shown["without_both"], dtype=float)
+        print(f"both shown, with minus without, same seeds: {rate(gain):+.3f} ± {ci95(gain):.3f} "
+              f"({int((gain > 0).sum())} seeds gained the missing object, {int((gain < 0).sum())} lost one)")
+        self.record("attend_excite_both_shown_gain", rate(gain))
+        self.record("attend_excite_both_shown_gain_ci95", ci95(gain))
+        # What it does to its own objective: 1 − the weaker subject's smoothed peak attention, after the
+        # refinement at each threshold step (targets 0.95, 0.5, 0.2 at steps 0, 10, 20).
+        for step in sorted(DEFAULT_THRESHOLDS):
+            values = [x[step] for x in losses if len(x) > step and np.isfinite(x[step])]
+            if values:
+                print(f"A&E loss at step {step} (target {1 - DEFAULT_THRESHOLDS[step]:.2f}): {rate(values):.3f}")
+                self.record(f"attend_excite_loss_step{step}", rate(values))
         self.record("attend_excite_samples", len(prompts))
 
     # -- 6. negative prompts -------------------------------------------------------------------------------------
@@ -363,6 +393,10 @@ class Benchmark:
         for name in ("without", "with"):
             print(f"{name + ' the negative prompt':30s} {len(cases):5d} {rate(shows[name]):21.3f}")
             self.record(f"negative_colour_shown_{name}", rate(shows[name]))
+        change = np.subtract(shows["with"], shows["without"], dtype=float)
+        print(f"negated colour shown, with minus without, same seeds: {rate(change):+.3f} ± {ci95(change):.3f}")
+        self.record("negative_colour_shown_change", rate(change))
+        self.record("negative_colour_shown_change_ci95", ci95(change))
         self.record("negative_samples", len(cases))
 
 
@@ -386,7 +420,7 @@ def write_figures(bench: Benchmark, out: Path) -> None:
         cells, labels = [], []
         for (source, target), images, (iou_p2p, iou_resampled) in bench.figures["p2p"][:4]:
             cells += to_pil(torch.stack(images))
-            labels += [source, f"P2P: IoU {iou_p2p:.2f}", f"re-sampled: IoU {iou_resampled:.2f}"]
+            labels += [source, f"{target.split()[1]}, P2P: IoU {iou_p2p:.2f}", f"re-sampled: IoU {iou_resampled:.2f}"]
         labelled_grid(cells, labels, ncol=3 * 2, cell=96).save(out / "shapes_prompt_to_prompt.png")
         written.append("shapes_prompt_to_prompt.png")
     if "ae" in bench.figures:
@@ -405,7 +439,8 @@ def write_figures(bench: Benchmark, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, help="stage-2 run folder (train.py experiment=shapes_ldm hydra.run.dir=DIR)")
+    parser.add_argument("--run", type=Path,
+                        help="stage-2 run folder (python train.py experiment=shapes_ldm hydra.run.dir=DIR)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "shapes", help="where to train without --run")
     parser.add_argument("--ckpt", default="last.ckpt", help="checkpoint file name in RUN/checkpoints")
     parser.add_argument("--seeds", type=int, default=64, help="samples per measured condition (at least)")

@@ -376,8 +376,8 @@ def read_shapes_samples(shards: str | os.PathLike | Sequence[str | os.PathLike],
             record = json.loads(files["json"])
             yield ShapesSample(
                 key=key,
-                image=np.asarray(Image.open(io.BytesIO(files["png"])).convert("RGB")),
-                mask=np.asarray(Image.open(io.BytesIO(files["mask.png"]))),
+                image=np.array(Image.open(io.BytesIO(files["png"])).convert("RGB")),
+                mask=np.array(Image.open(io.BytesIO(files["mask.png"]))),
                 caption=files["txt"].decode("utf-8"),
                 coloured=bool(record["coloured"]),
                 objects=[ShapeObject(o["colour"], o["shape"], tuple(o["bbox"])) for o in record["objects"]],
