@@ -27,16 +27,20 @@ from typing import Any
 
 import torch
 
-from ldm.convert.to_diffusers import diffusers_vae_from_ours, unet_config, vae_config
-from ldm.presets import unet_preset
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+from ldm.convert.to_diffusers import diffusers_vae_from_ours, unet_config, vae_config  # noqa: E402
+from ldm.presets import unet_preset  # noqa: E402
 
 # The shapes of configs/model/unet/*.yaml (ldm/presets).
 UNET_CONFIGS: dict[str, dict[str, Any]] = {name: unet_preset(name) for name in ("emoji", "sd1", "sd2")}
 # The emoji experiment's autoencoder and SD's KL-f8 (configs/experiment/emoji_autoencoder.yaml, model/autoencoder.yaml).
 VAE_CONFIGS: dict[str, dict[str, Any]] = {
-    "emoji": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4),
+    # 32 groups at every width, as diffusers' VAE normalises: the same architecture on both sides (the emoji
+    # experiment itself trains without norm layers, which diffusers' VAE cannot express).
+    "emoji": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, norm_group_channels=1),
     "kl-f8": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4),
 }
 # Stable Diffusion's sampling schedule, in diffusers' words.

@@ -33,7 +33,7 @@ from ldm.diffusion.objectives import normalize_prediction_type
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.model_io import load_source, read_source
 from ldm.model_parts import SourceWeights, build_conditioner, load_autoencoder
-from ldm.modules.autoencoder import AutoencoderKL, draw_latent
+from ldm.modules.autoencoder import AutoencoderKL, draw_latent, saved_config
 from ldm.modules.lora import LoRASettings, add_lora
 from ldm.modules.unet import UNetModel
 from ldm.weights_io import CheckpointError
@@ -124,7 +124,9 @@ class LatentDiffusion(nn.Module):
             vae, autoencoder, latent_std = load_autoencoder(autoencoder_ckpt)
             log.info("autoencoder loaded from %s and frozen", autoencoder_ckpt)
         elif autoencoder is not None:
-            vae = AutoencoderKL(**autoencoder)  # its weights come with the checkpoint being loaded
+            # A saved config: its weights come with the checkpoint being loaded (or from init_from).
+            autoencoder = saved_config(autoencoder)
+            vae = AutoencoderKL(**autoencoder)
         else:
             raise ValueError("stage 2 needs the stage-1 autoencoder: set autoencoder.ckpt_path=PATH")
         if scale_factor is None:

@@ -17,7 +17,7 @@ from torch import nn
 from ldm.conditioning.trainable_text import TARGET as TRAINABLE_TEXT_TARGET
 from ldm.convert import ConversionError, convert
 from ldm.convert.parts import build_autoencoder
-from ldm.modules.autoencoder import AutoencoderKL
+from ldm.modules.autoencoder import AutoencoderKL, saved_config
 from ldm.weights_io import CheckpointError, load_checkpoint
 
 FROZEN_TEXT_TARGET = "ldm.conditioning.text.FrozenOpenCLIPTextEncoder"
@@ -59,7 +59,7 @@ def load_autoencoder(ckpt_path: str | os.PathLike) -> tuple[AutoencoderKL, dict,
             return _imported_autoencoder(path)
         raise ValueError(f"{ckpt_path} is neither a stage-1 checkpoint of this framework (no 'autoencoder' "
                          "hyperparameters) nor a Stable Diffusion file with an autoencoder (first_stage_model.*)")
-    config = dict(hparams["autoencoder"])
+    config = saved_config(hparams["autoencoder"])  # checkpoints from before the norm setting: GroupNorm(32)
     model = AutoencoderKL(**config)
     prefix = "autoencoder."
     model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)},

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +25,10 @@ import torch
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
 VAES = {
-    "emoji": (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4), 32),
+    "emoji": (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, norm="none"), 32),  # emoji_autoencoder
     "sd": (dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4), 64),  # SD's KL-f8, 83.7 M
 }
 

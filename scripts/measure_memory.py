@@ -22,6 +22,10 @@ import threading
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 UNETS = {

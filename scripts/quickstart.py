@@ -98,13 +98,9 @@ def print_evaluation_curves(out: Path) -> None:
 
 def sample_and_evaluate(out: Path) -> None:
     # The data the runs used, for the evaluation (the shard folders come from the resolved config).
-    from omegaconf import OmegaConf
+    from ldm.run_folder import saved_config
 
-    # The saved config keeps Hydra's own interpolations (${hydra:runtime.cwd}); outside Hydra they resolve to
-    # what they were during the run.
-    runtime = {"runtime.cwd": str(ROOT), "runtime.output_dir": str(out / "ldm")}
-    OmegaConf.register_new_resolver("hydra", lambda key: runtime[key], replace=True)
-    cfg = OmegaConf.load(out / "ldm" / ".hydra" / "config.yaml")
+    cfg = saved_config(out / "ldm")
     (out / "data.json").write_text(json.dumps({"train_shards": cfg.data.train_shards, "val_shards": cfg.data.val_shards}))
 
     prompts = list(cfg.model.sampling.prompts)

@@ -57,7 +57,7 @@ def project(tmp_path_factory, data_dir) -> Path:
     img2dataset's naming; a quarter of them undecodable, as in real crawled data), `my_images/`, `prompts.txt`,
     `photos/my_dog/`, `runs/dreambooth_demo/instance/`. `data/` is the session's emoji shard cache."""
     root = tmp_path_factory.mktemp("project")
-    for name in ("train.py", "sample.py", "configs", "scripts"):
+    for name in ("train.py", "sample.py", "evaluate.py", "configs", "scripts"):
         (root / name).symlink_to(cli.ROOT / name)
     (root / "data").symlink_to(data_dir)
     (root / "shards").mkdir()

@@ -5,7 +5,8 @@ from diffusers_oracle import diffusers_vae_from_ours, vae_config
 from ldm.modules.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm.modules.autoencoder_loss import AutoencoderLoss
 
-SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+# norm_group_channels=1: diffusers' 32 groups at every width (our default gives narrow layers fewer groups).
+SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, norm_group_channels=1)
 
 
 def count(m):

@@ -43,7 +43,8 @@ UNET_STYLES = {
     "sd2": dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2, 1],
                 num_heads=None, head_dim=16, context_dim=64, use_linear_projection=True),
 }
-VAE_SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+# norm_group_channels=1: diffusers' 32 groups at every width (our default gives narrow layers fewer groups).
+VAE_SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, norm_group_channels=1)
 # A small CLIP text tower: SD1 reads the last layer (OpenAI CLIP: QuickGELU), SD2 the penultimate (GELU).
 TEXT = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256,
             max_position_embeddings=77, vocab_size=49408)

@@ -11,6 +11,7 @@ import tarfile
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.data import (
@@ -503,3 +504,9 @@ def test_split_by_node_with_process_group(emoji_dir: str, tmp_path, monkeypatch:
     keys = [set(json.loads((tmp_path / f"{rank}.json").read_text())) for rank in (0, 1)]
     assert keys[0] and keys[1] and not keys[0] & keys[1]
     assert len(keys[0] | keys[1]) == SUBSET
+
+
+def test_a_data_build_without_builder_is_a_config_error() -> None:
+    # What `experiment=... data=shards data.build.skin_tones=one` leaves: a DictConfig with no _target_.
+    with pytest.raises(ValueError, match=r"data.build must be a shard builder .*skin_tones"):
+        ShardDataModule("x.tar", build=OmegaConf.create({"skin_tones": "one"}))

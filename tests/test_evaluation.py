@@ -508,7 +508,8 @@ def test_train_py_logs_evaluation_curves_of_both_stages_and_under_ddp(tmp_path):
 
     stage2 = [*TINY_DATA, *TINY_LDM, f"autoencoder.ckpt_path={ae / 'checkpoints' / 'last.ckpt'}", data,
               "trainer.max_steps=3", "callbacks.evaluation.every_n_images=8", "evaluation.steps=2",
-              "evaluation.inception.random_seed=0", "model.sampling.prompts=[balloon,owl,pig,cow face]"]
+              "evaluation.inception.random_seed=0", "model.sampling.prompts=[balloon,owl,pig,cow face]",
+              "callbacks.evaluation.at_train_start=true"]  # the experiment's own setting, which TINY_LDM turns off
     ldm = tmp_path / "ldm"
     run("train.py", "experiment=emoji_ldm", f"hydra.run.dir={ldm}", *stage2, "logger=[csv,wandb]",
         env={"OMP_NUM_THREADS": "1"})

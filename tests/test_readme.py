@@ -26,7 +26,7 @@ SMALL_LDM = [*SMALL_TRAIN, *[o for o in TINY_LDM if "sample_images.prompts" not 
 SMALL_SHARDS = ["trainer.max_steps=2", "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=10",
                 "trainer.enable_progress_bar=false", "callbacks.sample_images.steps=2", "model.sampling.steps=2"]
 SMALL_OWN = [*SMALL_SHARDS, *[o for o in TINY_LDM if "sample_images.prompts" not in o]]
-SMALL_SD = [*SMALL_SHARDS, "data.resolution=32"]
+SMALL_SD = [*[o for o in SMALL_SHARDS if "sample_images" not in o], "data.resolution=32"]  # default callbacks: no grid
 SMALL_SAMPLE = ["steps=2", "n=1", "progress=false"]
 SMALL_EVAL = ["evaluation.steps=2", "evaluation.inception.features=64"]
 SMALL_BOOTH = ["num_class_images=2", "trainer.max_steps=2", "data.progress=false", "callbacks.sample_images.steps=2",
@@ -72,6 +72,14 @@ PLAN: list[tuple[str, str, list[str]]] = [
     (r"evaluation.ref_stats=own_stats.npz .*runs/own_eval$", "run", [*SMALL_OWN, *SMALL_EVAL]),
     (r"^python evaluate.py ", "run", SMALL_EVAL),
     (r"^torchrun .* evaluate.py ", "run", SMALL_EVAL),
+    # minutes of stage-1 training each; tests/test_train.py runs the script on the stage1 run, and
+    # tests/test_colour.py trains the shipped settings on flat colours
+    (r"^python scripts/autoencoder_colour.py --train runs/colour/before ", "own", []),
+    (r"^python scripts/autoencoder_colour.py --train runs/colour/now ", "own", []),
+    # half an hour of training and sampling; tests/test_attention_benchmark.py runs both stages and the benchmark
+    # at tiny sizes
+    (r"^python scripts/attention_benchmark.py --out runs/shapes ", "own", []),
+    (r"^python scripts/attention_benchmark.py --run runs/shapes/ldm ", "own", []),
 ]
 # Run in the default suite (the rest of the "run" entries: -m slow): own shards, plain sampling, an edit.
 DEFAULT = (6, 15, 18)

@@ -236,7 +236,8 @@ def test_sd2_recipe_trains_two_steps_on_cached_latents(name, prediction, files, 
 def test_sd2_v_512_under_fsdp_samples_and_evaluates_its_gathered_unet(files, cached_latents):
     """trainer=fsdp over 2 CPU processes: the U-Net is sharded and the recipe keeps no EMA, so the evaluation and
     the sample grid run on its gathered weights; the CLIP score equals evaluate.py's on the saved checkpoint in
-    one process. (fp32: Lightning's FSDP autocast is CUDA's, so bf16-mixed FSDP runs on GPUs only.)"""
+    one process (in fp32, so that the two CLIP scores can be compared closely; bf16-mixed under FSDP runs in
+    tests/test_matrix.py)."""
     out = files["root"] / "fsdp"
     clip = ["evaluation.clip.arch=ViT-S-32-alt", "evaluation.clip.random_seed=0", "evaluation.steps=2"]
     overrides = [o for o in stage2_overrides(files, cached_latents) if not o.startswith(("trainer.devices=",

@@ -80,6 +80,9 @@ def test_resume_continues_step_count_and_restores_ema(stage2, stage1, data_dir, 
     assert resumed["global_step"] == 6
 
 
+# Slow: train.py under trainer=ddp runs in the default suite already (tests/test_distributed.py), and the split
+# by node is checked in-process with a real process group (tests/test_data.py::test_split_by_node_with_process_group).
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_read_different_shards(stage1, data_dir, tmp_path):
     out = tmp_path / "ddp"
     run("train.py", "experiment=emoji_ldm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -196,8 +199,9 @@ def test_every_experiment_composes_and_is_smoke_tested():
 
     experiments = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
     # Each experiment must have a run in the test suite (here; dreambooth: tests/test_finetune.py; the Stable
-    # Diffusion recipes: tests/test_recipes.py); add one when adding an experiment.
-    smoke_tested = {"emoji_autoencoder", "emoji_ldm", "dreambooth",
+    # Diffusion recipes: tests/test_recipes.py; shapes_*: tests/test_attention_benchmark.py); add one when adding
+    # an experiment.
+    smoke_tested = {"emoji_autoencoder", "emoji_ldm", "dreambooth", "shapes_autoencoder", "shapes_ldm",
                     "sd2_base_256", "sd2_v_512", "sd_autoencoder_f8", "sd_finetune_512"}
     assert set(experiments) == smoke_tested
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
@@ -206,6 +210,11 @@ def test_every_experiment_composes_and_is_smoke_tested():
                           return_hydra_config=True)
             assert cfg.task_name == name
             assert cfg.model._target_.startswith("ldm.training.")
+            # On your own shards no part of a built-in dataset's builder may be left over (a data.build without
+            # _target_ is not a builder).
+            cfg = compose("train", overrides=[f"experiment={name}", "autoencoder.ckpt_path=x", "data=shards",
+                                              "data.train_shards=x"])
+            assert cfg.data.get("build") is None, (name, cfg.data.build)
 
 
 def test_sample_cli_attention_tools(stage2, tmp_path):
@@ -253,3 +262,13 @@ def test_shards_with_nothing_usable_stop_with_one_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "data error" in output and "bad-00.tar" in output, output[-2000:]
     assert "Traceback" not in output
+
+
+def test_colour_script_measures_a_stage1_run(stage1):
+    """scripts/autoencoder_colour.py on the checkpoint train.py wrote: tables and RESULT lines in range."""
+    proc = run("scripts/autoencoder_colour.py", "--ckpt", str(stage1 / "checkpoints" / "last.ckpt"), "--name", "t")
+    results = {line[len("RESULT "):].split("=")[0]: float(line.split("=")[1])
+               for line in proc.stdout.splitlines() if line.startswith("RESULT ")}
+    assert "| hue of the input |" in proc.stdout and "| flat square |" in proc.stdout
+    assert 0 < results["t_psnr"] < 60 and 0 <= results["t_chroma_ratio"] < 5 and 0 <= results["t_hue_error"] <= 180
+    assert {"t_colour_mae", "t_squares_colour_mae", "t_chroma_ratio_red", "t_colour_mae_white"} <= results.keys()

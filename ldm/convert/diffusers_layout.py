@@ -85,7 +85,7 @@ _UNET_FIXED = {
     "reverse_transformer_layers_per_block": None, "projection_class_embeddings_input_dim": None,
     "addition_time_embed_dim": None,
 }
-_VAE_FIXED = {"act_fn": "silu", "norm_num_groups": 32, "use_quant_conv": True, "use_post_quant_conv": True,
+_VAE_FIXED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
               "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
 _PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
@@ -287,6 +287,10 @@ def autoencoder_config_from_diffusers(config: Mapping[str, Any]) -> dict:
         z_channels=latent,
         embed_dim=latent,
         scale_factor=float(config.get("scaling_factor", 0.18215)),
+        # diffusers uses norm_num_groups groups at every width, however narrow.
+        norm="group",
+        norm_groups=int(config.get("norm_num_groups", 32)),
+        norm_group_channels=1,
     )
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ldm.convert.key_mapping import ConversionError
 from ldm.presets import autoencoder_preset, unet_preset
+from ldm.modules.autoencoder import LEGACY_NORM
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ FAMILIES = ("sd1", "sd2")
 
 UNET_PRESETS: dict[str, dict] = {family: unet_preset(family) for family in FAMILIES}
 # The KL-f8 autoencoder both families share. scale_factor is not in the weights; 0.18215 is SD's.
-AUTOENCODER_PRESET = autoencoder_preset("kl_f8")
+# CompVis' code and diffusers normalise with a fixed number of groups (32) at every width.
+AUTOENCODER_PRESET = {**autoencoder_preset("kl_f8"), **LEGACY_NORM}
 
 
 def _get(state: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
@@ -133,6 +135,9 @@ def infer_autoencoder_config(state: Mapping[str, torch.Tensor], scale_factor: fl
         z_channels=int(_get(state, "encoder.conv_out.weight", what).shape[0]) // 2,
         embed_dim=int(_get(state, "quant_conv.weight", what).shape[0]) // 2,
         scale_factor=float(scale_factor),
+        # Weights do not say how many groups a GroupNorm has: CompVis' 32 at every width; no norm weights at
+        # all means an autoencoder without normalisation.
+        **(LEGACY_NORM if "encoder.norm_out.weight" in state else {**LEGACY_NORM, "norm": "none"}),
     )
 
 
@@ -160,4 +165,5 @@ def unet_config_of(unet: torch.nn.Module) -> dict:
 
 
 def autoencoder_config_of(autoencoder: torch.nn.Module) -> dict:
-    return infer_autoencoder_config(autoencoder.state_dict(), scale_factor=float(autoencoder.scale_factor))
+    config = infer_autoencoder_config(autoencoder.state_dict(), scale_factor=float(autoencoder.scale_factor))
+    return {**config, **autoencoder.norm_config}

@@ -60,6 +60,7 @@ from ldm.convert.key_mapping import (
 )
 from ldm.convert.parts import ConvertedWeights, autoencoder_shapes, unet_shapes
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.modules.autoencoder import saved_config
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,8 @@ def convert_single_file(
 
     if any(k.startswith(VAE_PREFIX) and not k.startswith(VAE_PREFIX + "loss.") for k in source):
         vae_state = _strip(source, VAE_PREFIX)
-        out.autoencoder_config = dict(explicit.get("autoencoder") or stored.get("autoencoder")
+        saved = stored.get("autoencoder")
+        out.autoencoder_config = dict(explicit.get("autoencoder") or (saved and saved_config(saved))
                                       or infer_autoencoder_config(vae_state))
         shapes["autoencoder"] = autoencoder_shapes(out.autoencoder_config)
         plans["autoencoder"] = {k: KeySource.one(VAE_PREFIX + k) for k in shapes["autoencoder"]}

@@ -61,7 +61,9 @@ def vae_config(vae_kwargs: dict) -> dict:
         block_out_channels=[ch * m for m in mult],
         layers_per_block=vae_kwargs.get("num_res_blocks", 2),
         latent_channels=vae_kwargs.get("z_channels", 4),
-        norm_num_groups=32,
+        # diffusers has one group count for every width: ours must be built with norm_group_channels=1 to match
+        # it below 128 channels (at 128 and up the default gives the same 32 groups).
+        norm_num_groups=vae_kwargs.get("norm_groups", 32),
     )
 
 

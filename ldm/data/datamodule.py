@@ -69,6 +69,11 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         if missing_caption not in ("skip", "empty"):
             raise ValueError(f"missing_caption must be 'skip' or 'empty', got {missing_caption!r}")
+        if build is not None and not callable(build):
+            # What is left of data.build when an override sets one of its keys for a data config without a
+            # builder (data=shards): Hydra keeps a config without _target_ as it is.
+            raise ValueError(f"data.build must be a shard builder (a config with _target_), got {dict(build)!r}: "
+                             "remove the data.build.* overrides for data without a builder")
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.resolution = resolution

@@ -8,23 +8,68 @@ KL-f8 weights load key for key.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+NORMS = ("group", "none")
+# What a config saved before the normalisation could be chosen meant: CompVis' GroupNorm(32) at every width.
+# Loaders of saved configs fill it in (``saved_config``); new configs state the three keys.
+LEGACY_NORM = {"norm": "group", "norm_groups": 32, "norm_group_channels": 1}
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """How the autoencoder normalises: GroupNorm with at most ``groups`` groups of at least ``group_channels``
+    channels each, or no normalisation at all (``kind="none"``).
+
+    GroupNorm normalises each image on its own. With one channel per group (SD's 32 groups in a 32-channel
+    layer) that is instance normalisation: it removes how strongly each feature is switched on in the image,
+    which is where a narrow autoencoder keeps colour, and the encoder learns to drop it. At least 4 channels per
+    group keeps SD's 32 groups at its widths (128 channels and up) and never degenerates at narrow ones.
+    """
+
+    kind: str = "group"
+    groups: int = 32
+    group_channels: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.kind!r}")
+        if self.groups < 1 or self.group_channels < 1:
+            raise ValueError(f"norm_groups and norm_group_channels must be >= 1, got {self.groups}, "
+                             f"{self.group_channels}")
+
+    def num_groups(self, channels: int) -> int:
+        """The most groups (≤ groups, ≥ group_channels channels each) that divide ``channels`` evenly."""
+        limit = max(1, min(self.groups, channels // self.group_channels))
+        return max(g for g in range(1, limit + 1) if channels % g == 0)
+
+    def __call__(self, channels: int) -> nn.Module:
+        if self.kind == "none":
+            return nn.Identity()
+        return nn.GroupNorm(self.num_groups(channels), channels, eps=1e-6)
+
+
+def saved_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """AutoencoderKL arguments of a config read from a checkpoint or a weights file: one saved before the
+    normalisation was a setting (none of its keys) describes GroupNorm(32) at every width."""
+    config = dict(config)
+    if not any(key in config for key in LEGACY_NORM):
+        config.update(LEGACY_NORM)
+    return config
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm: NormSpec = NormSpec()):
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -38,9 +83,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1×1 conv projections."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: NormSpec = NormSpec()):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = norm(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -88,11 +133,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, norm: NormSpec):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm)
+        self.attn_1 = AttnBlock(channels, norm)
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -107,6 +152,7 @@ class Encoder(nn.Module):
         num_res_blocks: int = 2,
         z_channels: int = 4,
         dropout: float = 0.0,
+        norm: NormSpec = NormSpec(),
     ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -116,12 +162,12 @@ class Encoder(nn.Module):
             block_out = ch * mult
             blocks = []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm))
                 block_in = block_out
             last = level == len(ch_mult) - 1
             self.down.append(_Level(blocks, None if last else "downsample", None if last else Downsample(block_in)))
-        self.mid = _Mid(block_in, dropout)
-        self.norm_out = _norm(block_in)
+        self.mid = _Mid(block_in, dropout, norm)
+        self.norm_out = norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels, 3, padding=1)  # mean and log-variance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,11 +190,12 @@ class Decoder(nn.Module):
         num_res_blocks: int = 2,
         z_channels: int = 4,
         dropout: float = 0.0,
+        norm: NormSpec = NormSpec(),
     ):
         super().__init__()
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, norm)
         # Built from the lowest resolution up, but stored so that up[level] is the level of the same index in
         # the encoder (the latent-diffusion key layout).
         levels: list[_Level] = []
@@ -156,11 +203,11 @@ class Decoder(nn.Module):
             block_out = ch * ch_mult[level]
             blocks = []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm))
                 block_in = block_out
             levels.insert(0, _Level(blocks, "upsample" if level else None, Upsample(block_in) if level else None))
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(block_in)
+        self.norm_out = norm(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -217,21 +264,56 @@ class AutoencoderKL(nn.Module):
         embed_dim: int | None = None,
         dropout: float = 0.0,
         scale_factor: float = 0.18215,
+        norm: str = "group",
+        norm_groups: int = 32,
+        norm_group_channels: int = 4,
     ):
         """
         scale_factor: multiplies latents before diffusion so they have roughly unit variance (SD: 0.18215;
             a VAE trained here should set it to 1/std of its latents, which ``training`` measures).
         embed_dim: channels of the latent the diffusion model sees; defaults to z_channels.
+        norm: "group" (GroupNorm) or "none" (no normalisation layers; their weights then are absent from the
+            state dict). norm_groups: the most groups of a GroupNorm layer (SD: 32). norm_group_channels: the
+            fewest channels per group, so that narrow layers get fewer groups instead of one channel each
+            (instance normalisation, which loses colour: see NormSpec). The defaults give SD's KL-f8 exactly
+            GroupNorm(32) everywhere; 1 gives 32 groups at every width, as CompVis' code and diffusers do.
         """
         super().__init__()
         embed_dim = embed_dim or z_channels
-        self.encoder = Encoder(in_channels, ch, ch_mult, num_res_blocks, z_channels, dropout)
-        self.decoder = Decoder(in_channels, ch, ch_mult, num_res_blocks, z_channels, dropout)
+        self.norm = NormSpec(norm, norm_groups, norm_group_channels)
+        self.encoder = Encoder(in_channels, ch, ch_mult, num_res_blocks, z_channels, dropout, self.norm)
+        self.decoder = Decoder(in_channels, ch, ch_mult, num_res_blocks, z_channels, dropout, self.norm)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.embed_dim = embed_dim
         self.downsampling_factor = 2 ** (len(ch_mult) - 1)
         self.scale_factor = scale_factor
+        if self.norm.kind == "none":
+            self._init_without_norm()
+
+    def _init_without_norm(self) -> None:
+        """Weights that carry the signal through an autoencoder without normalisation layers.
+
+        PyTorch's default convolution init has variance 1/(3·fan_in): each layer shrinks activations about √3×,
+        which GroupNorm undoes and nothing else does. Without it the output of a fresh model barely depends on its
+        input (by ~10⁻⁴ across emoji), and training first spends hundreds of steps growing that path. Instead:
+        variance 1/fan_in (LeCun), zero biases, and each residual branch's last layer (ResnetBlock.conv2,
+        AttnBlock.proj_out) at zero, so that every block starts as the identity (as in Fixup / SkipInit).
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, ResnetBlock):
+                nn.init.zeros_(module.conv2.weight)
+            elif isinstance(module, AttnBlock):
+                nn.init.zeros_(module.proj_out.weight)
+
+    @property
+    def norm_config(self) -> dict[str, Any]:
+        """The normalisation as constructor arguments (``norm``, ``norm_groups``, ``norm_group_channels``)."""
+        return {"norm": self.norm.kind, "norm_groups": self.norm.groups, "norm_group_channels": self.norm.group_channels}
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         # x: (B, 3, H, W) in [-1, 1]

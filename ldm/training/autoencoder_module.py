@@ -10,7 +10,7 @@ import torch
 from ldm.config_values import plain
 from ldm.evaluation.emoji import psnr
 from ldm.images import grid_image
-from ldm.modules.autoencoder import AutoencoderKL
+from ldm.modules.autoencoder import AutoencoderKL, saved_config
 from ldm.modules.autoencoder_loss import AutoencoderLoss
 from ldm.training.gradients import clip_and_measure
 from ldm.training.images import log_image
@@ -45,12 +45,29 @@ class AutoencoderModule(L.LightningModule):
         super().__init__()
         # save_hyperparameters reads the arguments' current values: make them plain first.
         autoencoder, loss, betas = plain(autoencoder), plain(loss), tuple(plain(betas))
-        self.save_hyperparameters()
         self.autoencoder = AutoencoderKL(**autoencoder)
+        # The normalisation is saved explicitly: a saved config without it means the old GroupNorm(32).
+        autoencoder = {**autoencoder, **self.autoencoder.norm_config}
+        self.save_hyperparameters()
         self.loss = AutoencoderLoss(**loss)
         # Running std of the latents: stage 2 sets its scale_factor to 1/std so its inputs have unit variance.
         self.register_buffer("latent_std", torch.ones(()))
         self.register_buffer("latent_std_initialised", torch.zeros((), dtype=torch.bool))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # GroupNorm's weights have the same shapes whatever its groups: a checkpoint of another normalisation
+        # would load without complaint and compute something else.
+        saved = checkpoint.get("hyper_parameters", {}).get("autoencoder")
+        if saved is None:
+            return
+        theirs, ours = saved_config(saved), self.autoencoder.norm_config
+        differ = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+        if differ:
+            raise ValueError(
+                "the checkpoint's autoencoder was trained with another normalisation: "
+                + ", ".join(f"model.autoencoder.{k}={t} (this config: {o})" for k, (t, o) in differ.items())
+                + "; set those values to resume it"
+            )
 
     # -- steps ------------------------------------------------------------------------------------------------
 
@@ -60,7 +77,8 @@ class AutoencoderModule(L.LightningModule):
             self.latent_std.copy_(std)
             self.latent_std_initialised.fill_(True)
         else:
-            self.latent_std.lerp_(std, 0.01)
+            # In float32: under FSDP's bf16 mixed precision the buffer itself is bf16.
+            self.latent_std.copy_(torch.lerp(self.latent_std.float(), std, 0.01))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch["image"]

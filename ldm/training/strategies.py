@@ -16,7 +16,8 @@ Lightning's FSDPStrategy, with three changes that fit a latent diffusion model:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,25 @@ class FSDPStrategy(pl_strategies.FSDPStrategy):
         )
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
+
+    @contextmanager
+    def _cpu_autocast(self) -> Iterator[None]:
+        # Lightning's FSDP precision autocasts as CUDA does, which leaves CPU tensors alone: with bf16-mixed on
+        # the CPU (gloo runs) the float32 latents would meet the units' bf16 weights. On a GPU this adds nothing.
+        dtype = getattr(self.mixed_precision_config, "param_dtype", None)
+        if self.root_device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                yield
+        else:
+            yield
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._cpu_autocast():
+            return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._cpu_autocast():
+            return super().validation_step(*args, **kwargs)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path)
